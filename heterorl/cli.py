@@ -1,0 +1,241 @@
+"""`heterorl`: the demo (a learner and samplers on this machine), `status` of a running learner, and helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+def fetch_status(target: str, timeout: float = 5.0):
+    from heterorl.v1 import learner_pb2 as pb
+    from heterorl.v1 import learner_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.LearnerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+
+
+def format_status(s) -> str:
+    acc = f"{s.last_eval_accuracy:.3f}" if s.last_eval_accuracy >= 0 else "-"
+    lines = [
+        f"run {s.run_id}  task {s.task}  loss {s.loss}  up {s.uptime_s:.0f}s",
+        f"version {s.version}  step {s.step}  held-out accuracy {acc}  last reward {s.last_reward_mean:.3f}",
+        f"groups: {s.groups_trained} trained, {s.groups_pending} pending, {s.leases_outstanding} leased out, "
+        f"{s.leases_expired} leases expired, {s.groups_dropped_stale} dropped as stale",
+        f"samplers ({sum(x.alive for x in s.samplers)} alive of {len(s.samplers)}):",
+    ]
+    header = f"  {'id':<20} {'name':<24} {'engine':<12} {'version':>7} {'leased':>7} {'accepted':>8} {'refused':>7}  seen"
+    lines.append(header)
+    for x in s.samplers:
+        lines.append(
+            f"  {x.sampler_id:<20} {x.name[:24]:<24} {x.engine:<12} {x.version:>7} {x.groups_leased:>7} "
+            f"{x.groups_accepted:>8} {x.groups_rejected:>7}  {x.last_seen_s_ago:.0f}s ago"
+            + ("" if x.alive else " (gone)")
+        )
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        s = fetch_status(args.learner)
+    except grpc.RpcError as err:
+        print(f"heterorl status: learner at {args.learner} did not answer: {err.code().name} {err.details()}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(s, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(format_status(s))
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from heterorl.common.model import resolve_model
+
+    path = resolve_model(args.model)
+    print(f"model ready: {path}")
+    return 0
+
+
+# ---- demo -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, argv: list[str], log_path: Path) -> Child:
+    log = open(log_path, "w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    return Child(name, proc, log_path)
+
+
+def _stop(children: list[Child], grace: float = 15.0) -> None:
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace
+    for c in children:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def _progress_line(s, steps: int, elapsed: float) -> str:
+    acc = f"{s.last_eval_accuracy:.2f}" if s.last_eval_accuracy >= 0 else "--"
+    alive = sum(x.alive for x in s.samplers)
+    reward = f"{s.last_reward_mean:.2f}" if s.last_reward_mean == s.last_reward_mean else "--"
+    return (
+        f"step {s.step:>3}/{steps} | version {s.version:>3} | reward {reward} | held-out {acc} | "
+        f"groups {s.groups_trained} trained, {s.groups_pending} pending, {s.leases_outstanding} out | "
+        f"samplers {alive}/{len(s.samplers)} | {elapsed / 60:4.1f} min"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.time()
+    run_dir = args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"heterorl demo: 1 learner + {args.samplers} samplers on this machine, model {args.model}, "
+          f"{args.steps} steps; logs and results in {run_dir}/", flush=True)
+    from heterorl.common.model import resolve_model
+
+    resolve_model(args.model)  # convert/cache the model once, before the processes race to do it
+    py = sys.executable
+    learner_argv = [
+        py, "-m", "heterorl.server.main", "--host", "127.0.0.1", "--port", "0", "--run-dir", str(run_dir),
+        "--model", args.model, "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
+        "--eval-size", str(args.eval_size), "--threads", str(args.learner_threads), "--seed", str(args.seed),
+        *args.learner_args,
+    ]
+    children = [_spawn("learner", learner_argv, run_dir / "learner.log")]
+    tty = sys.stdout.isatty()
+    try:
+        address_file = run_dir / "learner.json"
+        print("starting the learner (loading the model, publishing version 1) ...", flush=True)
+        while not address_file.exists():
+            if children[0].proc.poll() is not None:
+                print(f"the learner exited early (code {children[0].proc.returncode}):\n{children[0].tail()}")
+                return 1
+            time.sleep(0.5)
+        port = json.loads(address_file.read_text())["port"]
+        target = f"127.0.0.1:{port}"
+        for i in range(args.samplers):
+            sampler_argv = [
+                py, "-m", "heterorl.node.main", "--learner", target, "--name", f"demo-sampler-{i + 1}",
+                "--seed", str(args.seed * 1000 + i + 1), "--threads", str(args.sampler_threads),
+                "--max-batch", str(args.sampler_batch),
+            ]
+            children.append(_spawn(f"sampler-{i + 1}", sampler_argv, run_dir / f"sampler-{i + 1}.log"))
+        print(f"learner on {target}; {args.samplers} samplers started. `heterorl status --learner {target}` "
+              "shows the same from another shell.", flush=True)
+        last_printed, last_step = 0.0, -1
+        while children[0].proc.poll() is None:
+            for c in children[1:]:
+                if c.proc.poll() is not None and c.proc.returncode not in (0, -signal.SIGTERM):
+                    print(f"\n{c.name} exited with code {c.proc.returncode}:\n{c.tail()}")
+                    return 1
+            try:
+                s = fetch_status(target, timeout=5)
+            except grpc.RpcError:
+                time.sleep(1)
+                continue
+            line = _progress_line(s, args.steps, time.time() - started)
+            if tty:
+                print("\r" + line.ljust(150), end="", flush=True)
+            elif s.step != last_step or time.time() - last_printed > 30:
+                print(line, flush=True)
+                last_printed, last_step = time.time(), s.step
+            time.sleep(1.0)
+        if tty:
+            print()
+        code = children[0].proc.returncode
+        summary_path = run_dir / "summary.json"
+        if code != 0 or not summary_path.exists():
+            print(f"the learner failed (code {code}):\n{children[0].tail()}")
+            return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the learner and samplers")
+        return 130
+    finally:
+        _stop(children)
+    summary = json.loads(summary_path.read_text())
+    print(format_summary(summary, time.time() - started, run_dir))
+    return 0
+
+
+def format_summary(s: dict, wall: float, run_dir: Path) -> str:
+    gain = s["final_accuracy"] - s["base_accuracy"]
+    curve = ", ".join(f"{e['step']}: {e['accuracy']:.2f}" for e in s["eval"])
+    return "\n".join(
+        [
+            "",
+            "=== what was learned " + "=" * 60,
+            f"held-out accuracy ({s['eval_size']} problems, greedy): {s['base_accuracy']:.3f} before -> "
+            f"{s['final_accuracy']:.3f} after {s['steps']} steps ({gain:+.3f})",
+            f"accuracy by step: {curve}",
+            f"versions published: {s['versions_published']}   groups accepted: {s['groups_accepted']}, "
+            f"trained: {s['groups_trained']}, left pending: {s['groups_pending']}, dropped as stale: "
+            f"{s['groups_dropped_stale']}, leases expired: {s['leases_expired']}",
+            f"staleness of trained groups (versions behind): mean {s['staleness_mean']:.2f}, max {s['staleness_max']}",
+            f"time: {wall / 60:.1f} min in all, {s['wall_seconds'] / 60:.1f} min of training",
+            f"metrics: {s['metrics']}   checkpoint: {s['checkpoint']}   logs: {run_dir}/*.log",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="heterorl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("status", help="print a learner's version, step and samplers")
+    p.add_argument("--learner", default="127.0.0.1:50051", help="HOST:PORT of the learner")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="train the default model with a local learner and samplers")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--samplers", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learner-threads", type=int, default=2)
+    p.add_argument("--sampler-threads", type=int, default=1)
+    p.add_argument("--sampler-batch", type=int, default=2, help="prompt groups per sampler batch")
+    p.add_argument("--run-dir", type=Path, default=None)
+    p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after --")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="convert and cache a model (the default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.set_defaults(func=cmd_prepare_model)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,793 @@
+"""Exact, compressed weight versions: full anchors and deltas between two versions.
+
+A version is a mapping name -> tensor (the bf16 snapshot the learner publishes). A sampler that holds version A
+and needs version B receives ``encode(B, A)``; ``apply_`` turns its tensors into B bit for bit. Deltas compose
+by construction, not by merging payloads: the learner encodes the newest version against *any* older version it
+still holds (``encode(v_new, v_old)``), so a sampler k versions behind downloads one delta, never a chain. No
+``compose`` of payloads is offered.
+
+Per tensor the encoder estimates the size of each representation and keeps the smallest (recorded in the
+payload):
+
+* ``same``        tensor unchanged; no bytes.
+* ``sparse``      the integer difference of the bit patterns (wrapping), coded as one byte per change that joins
+                  the gap since the previous change with the change's class (+1, -1, other), an escape byte that
+                  skips 85 unchanged elements, and the "other" differences as zigzag byte planes. One optimizer
+                  step at a small learning rate moves ~5% of bf16 values, 93% of them by exactly one unit, so the
+                  byte stream is close to the entropy of positions plus values, and zstd's Huffman stage codes it
+                  near that bound. Coded in independent blocks of ``BLOCK`` elements so both cores work.
+* ``xor``         XOR of the bit patterns, little-endian bytes.
+* ``xor_planes``  the same XOR split into byte planes (all low bytes, then the next byte, ...).
+* ``raw``         the new tensor's bytes.
+* ``planes``      the new tensor's bytes split into byte planes (sign/exponent bytes compress, mantissas don't).
+
+A full anchor (``base=None``) uses ``raw`` or ``planes``. The container is the safetensors layout (an 8-byte
+header length, a JSON header, then the buffers; every buffer is a 1-D ``U8`` tensor named ``<tensor>::<stream>``,
+and ``__metadata__["heterorl"]`` holds the per-tensor method, dtype, shape and stream lengths), compressed as one
+zstd frame with a content checksum, using ``threads`` zstd workers.
+
+Sizes are chosen by estimate, not by trial compression (which would cost more than the encoding): the order-0
+entropy of the sparse streams (zstd's Huffman stage lands within a few percent of it), and the byte-plane
+entropies of a sample for the dense methods, which are only considered for small tensors or when sparse coding
+costs more than one bit per element.
+
+Decoding validates the whole payload (frame checksum, header, every stream's length, every sparse block's
+extent) before the first tensor changes. The decompressed container is held whole: for a delta that is a few
+MB; for an anchor it is about the size of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Callable, Collection, Mapping, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zstandard
+
+FORMAT = "heterorl-codec/1"
+KIND_ANCHOR = "anchor"
+KIND_DELTA = "delta"
+
+SAME = "same"
+SPARSE = "sparse"
+XOR = "xor"
+XOR_PLANES = "xor_planes"
+RAW = "raw"
+PLANES = "planes"
+DELTA_METHODS = (SAME, SPARSE, XOR, XOR_PLANES, RAW, PLANES)
+ANCHOR_METHODS = (RAW, PLANES)
+_NEEDS_BASE = frozenset({SAME, SPARSE, XOR, XOR_PLANES})
+
+BLOCK = 1 << 20  # elements per independently coded sparse block: fits in cache, gives the workers equal shares
+_MIN_BLOCK, _MAX_BLOCK = 1 << 8, 1 << 28
+
+# Sparse symbol alphabet: byte = gap * 3 + class for gap < _GAP_RUN, byte 255 = skip _GAP_RUN unchanged elements.
+_GAP_RUN = 85
+_SKIP = 255
+_CLS_PLUS, _CLS_MINUS, _CLS_OTHER = 0, 1, 2
+
+# Dense candidates are only estimated for small tensors, or when sparse coding costs more than this many bits per
+# element: below it the gap code is already close to the entropy of positions plus values, which a byte-wise
+# dense layout does not beat on optimizer updates (and estimating them costs a pass over a sample per tensor).
+_DENSE_WORTH_BITS = 1.0
+_SMALL = 1 << 16
+
+_META_KEY = "heterorl"
+_STREAM_SEP = "::"
+_MAX_HEADER = 1 << 28
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
+_INT_VIEW = {1: (torch.int8, np.int8, np.uint8), 2: (torch.int16, np.int16, np.uint16),
+             4: (torch.int32, np.int32, np.uint32), 8: (torch.int64, np.int64, np.uint64)}
+
+# Decoder tables for the sparse alphabet: how far a byte advances, which class it carries, whether it is a change.
+_SYM = np.arange(256)
+_ADVANCE = np.where(_SYM == _SKIP, _GAP_RUN, _SYM // 3 + 1).astype(np.int64)
+_IS_OTHER = ((_SYM != _SKIP) & (_SYM % 3 == _CLS_OTHER)).astype(np.int64)
+_ADVANCE32 = _ADVANCE.astype(np.int32)
+_OTHER_MASK = _IS_OTHER.astype(bool)
+_STEP = {dt: np.where(_SYM == _SKIP, 0, np.where(_SYM % 3 == _CLS_PLUS, 1, np.where(_SYM % 3 == _CLS_MINUS, -1, 0)))
+         .astype(dt) for dt in (np.int8, np.int16, np.int32, np.int64)}  # the +-1 a byte adds (others: 0)
+_CLASS_MINUS3 = (np.array([_CLS_MINUS, _CLS_OTHER, _CLS_PLUS, _CLS_OTHER]) - 3).astype(np.uint8)
+_OTHER_MINUS3 = np.uint8(_CLS_OTHER - 3 + 256)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public data types
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """How one tensor is stored in a payload."""
+
+    method: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stream_bytes: dict[str, int]  # stream name -> bytes before zstd
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    """What a payload holds, read without any base: for logs, benchmarks and the version store."""
+
+    kind: str  # KIND_ANCHOR or KIND_DELTA
+    block: int
+    tensors: dict[str, TensorInfo]
+    payload_bytes: int
+    container_bytes: int  # safetensors container size (zstd input)
+
+    def method_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            counts[info.method] = counts.get(info.method, 0) + 1
+        return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype}; the codec handles {sorted(_DTYPES)}") from None
+
+
+def _flat_ints(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bit patterns as a flat signed-integer numpy view (no copy; t must be contiguous on CPU)."""
+    return t.detach().view(_INT_VIEW[t.element_size()][0]).reshape(-1).numpy()
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous()
+
+
+def _planes(flat: np.ndarray) -> np.ndarray:
+    """Byte planes of a flat array: all byte-0s, then all byte-1s, ... (one copy)."""
+    size = flat.dtype.itemsize
+    return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, size).T).reshape(-1)
+
+
+def _unplanes(planes: np.ndarray, size: int, out: np.ndarray) -> None:
+    """Inverse of `_planes` into `out` (flat, any itemsize-`size` dtype)."""
+    out.view(np.uint8).reshape(-1, size)[...] = planes.reshape(size, -1).T
+
+
+def _zigzag(v: np.ndarray) -> np.ndarray:
+    """Signed -> unsigned so that small magnitudes of either sign become small numbers."""
+    bits = v.dtype.itemsize * 8
+    udt = _INT_VIEW[v.dtype.itemsize][2]
+    return ((v << 1) ^ (v >> (bits - 1))).view(udt)
+
+
+def _unzigzag(u: np.ndarray) -> np.ndarray:
+    sdt = _INT_VIEW[u.dtype.itemsize][1]
+    return ((u >> 1).view(sdt)) ^ (-(u & 1).view(sdt))
+
+
+def _entropy_bits(hist: np.ndarray) -> float:
+    """Total order-0 entropy in bits of a sample whose symbol counts are `hist`."""
+    total = float(hist.sum())
+    if total <= 0:
+        return 0.0
+    p = hist[hist > 0] / total
+    return float(-(p * np.log2(p)).sum() * total)
+
+
+def _plane_bits(flat: np.ndarray) -> float:
+    size = flat.dtype.itemsize
+    u8 = flat.view(np.uint8).reshape(-1, size)
+    return sum(_entropy_bits(np.bincount(u8[:, i], minlength=256)) for i in range(size))
+
+
+def _interleaved_bits(flat: np.ndarray) -> float:
+    return _entropy_bits(np.bincount(flat.view(np.uint8), minlength=256))
+
+
+def _sample(flat: np.ndarray, runs: int = 16, run: int = 1024) -> np.ndarray:
+    """Evenly spread contiguous runs of a flat array: enough to estimate byte statistics cheaply."""
+    n = flat.size
+    if n <= runs * run:
+        return flat
+    starts = np.linspace(0, n - run, runs).astype(np.int64)
+    return np.concatenate([flat[s : s + run] for s in starts])
+
+
+def _map(fn: Callable, items: list, pool: ThreadPoolExecutor | None) -> list:
+    if pool is None or len(items) <= 1:
+        return [fn(*it) for it in items]
+    return list(pool.map(lambda it: fn(*it), items))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sparse blocks
+
+
+@dataclass
+class _SparseBlock:
+    syms: np.ndarray  # uint8
+    others: np.ndarray  # signed ints, the differences that are not +-1
+    hist: np.ndarray  # byte histogram of syms (for the size estimate)
+
+
+def _changes(new: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (ascending) and wrapping integer differences of the elements that differ.
+
+    Finding nonzeros costs about 1 ns per input element, the dominant cost of encoding, so it first runs over
+    64-bit words (several narrow elements per compare) and then only over the lanes of the words that changed.
+    """
+    lanes = 8 // new.dtype.itemsize
+    if lanes > 1 and new.size % lanes == 0 and new.size:
+        words = np.flatnonzero(new.view(np.int64) != base.view(np.int64))
+        diff = np.take(new.view(np.int64), words).view(new.dtype) - np.take(base.view(np.int64), words).view(new.dtype)
+        j = np.flatnonzero(diff != 0)
+        pos = np.take(words, j >> (lanes.bit_length() - 1))
+        pos *= lanes
+        pos += j & (lanes - 1)
+        return pos, np.take(diff, j)
+    diff = new - base
+    idx = np.flatnonzero(diff != 0)  # nonzero of a bool mask is several times faster than of ints
+    return idx, np.take(diff, idx)
+
+
+def _encode_sparse_block(new: np.ndarray, base: np.ndarray) -> _SparseBlock:
+    """Symbols of one block: after finding the changes, all work runs over the changes only, in the narrowest
+    integer types that hold them."""
+    idx, vals = _changes(new, base)
+    k = idx.size
+    if k == 0:
+        return _SparseBlock(np.empty(0, np.uint8), vals, np.zeros(256))
+    steps = np.empty(k, np.int32)  # gap + 1 (blocks are < 2**31 elements)
+    steps[0] = idx[0] + 1
+    np.subtract(idx[1:], idx[:-1], out=steps[1:], casting="unsafe")
+    # class - 3 (mod 256) from (value + 1) clipped to 0..3: -1 -> 0, +1 -> 2, anything else -> 3
+    shifted = (vals + 1).view(_INT_VIEW[vals.dtype.itemsize][2])
+    cls = np.take(_CLASS_MINUS3, np.minimum(shifted, 3))
+    others = vals[cls == _OTHER_MINUS3]
+    if int(steps.max()) <= _GAP_RUN:
+        syms = steps.astype(np.uint8)
+        syms *= 3
+        syms += cls  # (gap + 1) * 3 + class - 3 = gap * 3 + class, wrapping arithmetic in uint8
+    else:  # some gaps need escapes: only those few changes pay for the division
+        far = np.flatnonzero(steps > _GAP_RUN)
+        skips = (steps[far] - 1) // _GAP_RUN
+        steps[far] -= skips * _GAP_RUN
+        codes = steps.astype(np.uint8)
+        codes *= 3
+        codes += cls
+        slots = np.ones(k, np.intp)  # where each change's code lands: after its own escapes
+        slots[far] += skips
+        np.cumsum(slots, out=slots)
+        slots -= 1
+        syms = np.full(int(slots[-1]) + 1, _SKIP, np.uint8)
+        syms[slots] = codes  # fancy assignment with intp indices; np.put is several times slower
+    # the histogram only feeds the size estimate: a strided sample of a long stream is accurate enough
+    stride = max(1, syms.size >> 14)
+    hist = np.bincount(syms[::stride], minlength=256) * (syms.size / max(1, syms[::stride].size))
+    return _SparseBlock(syms, others, hist)
+
+
+def _check_sparse_block(syms: np.ndarray, n_others: int, length: int, where: str) -> None:
+    """Reject a block whose symbols would write outside it or disagree with its count of other values."""
+    if syms.size and syms[-1] == _SKIP:
+        raise ValueError(f"{where}: sparse block ends with a skip symbol")
+    hist = np.bincount(syms, minlength=256)
+    span = int(hist @ _ADVANCE)  # one past the last changed element
+    if span > length:
+        raise ValueError(f"{where}: sparse block addresses element {span - 1} beyond its {length} elements")
+    others = int(hist @ _IS_OTHER)
+    if others != n_others:
+        raise ValueError(f"{where}: sparse block needs {others} other values but holds {n_others}")
+
+
+def _apply_sparse_block(dst: np.ndarray, syms: np.ndarray, others: np.ndarray) -> None:
+    """dst (a block of bit patterns, in place) += the block's differences (wrapping)."""
+    if syms.size == 0:
+        return
+    pos = np.cumsum(np.take(_ADVANCE32, syms), dtype=np.int32)
+    pos -= 1
+    vals = np.take(_STEP[dst.dtype.type], syms)
+    if others.size:
+        vals[np.take(_OTHER_MASK, syms)] = others
+    if np.any(syms == _SKIP):
+        change = syms != _SKIP
+        pos, vals = pos[change], vals[change]
+    np.add.at(dst, pos, vals)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Container (safetensors layout) writing and reading
+
+
+@dataclass
+class _Entry:
+    name: str
+    method: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    streams: dict[str, list[np.ndarray]] = field(default_factory=dict)  # stream -> pieces (uint8-viewable)
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def _nbytes(pieces: list[np.ndarray]) -> int:
+    return sum(p.nbytes for p in pieces)
+
+
+def _write_container(entries: list[_Entry], kind: str, block: int, level: int, threads: int) -> bytes:
+    """Stream the container through zstd piece by piece (never joined into one big uncompressed buffer)."""
+    meta_tensors = {}
+    header: dict[str, object] = {}
+    offset = 0
+    order: list[tuple[list[np.ndarray], int]] = []
+    for e in entries:
+        lengths = {s: _nbytes(p) for s, p in e.streams.items()}
+        meta_tensors[e.name] = {"method": e.method, "dtype": _dtype_name(e.dtype), "shape": list(e.shape),
+                                "streams": lengths, **e.extra}
+        for s, pieces in e.streams.items():
+            padded = -(-lengths[s] // 8) * 8  # keep every buffer 8-byte aligned
+            header[f"{e.name}{_STREAM_SEP}{s}"] = {"dtype": "U8", "shape": [padded],
+                                                  "data_offsets": [offset, offset + padded]}
+            offset += padded
+            order.append((pieces, padded - lengths[s]))
+    meta = {"format": FORMAT, "kind": kind, "block": block, "tensors": meta_tensors}
+    header = {"__metadata__": {_META_KEY: json.dumps(meta, separators=(",", ":"))}, **header}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    total = 8 + len(head) + offset
+
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=max(0, threads) if threads > 1 else 0, write_checksum=1, write_content_size=1,
+        job_size=(1 << 20) if threads > 1 else 0,
+    )
+    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj(size=total)
+    out = [cobj.compress(struct.pack("<Q", len(head)) + head)]
+    for pieces, pad in order:
+        for p in pieces:
+            if p.nbytes:
+                out.append(cobj.compress(memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8))))
+        if pad:
+            out.append(cobj.compress(bytes(pad)))
+    out.append(cobj.flush())
+    return b"".join(out)
+
+
+@dataclass
+class _Container:
+    kind: str
+    block: int
+    infos: dict[str, TensorInfo]
+    extras: dict[str, dict]
+    buffers: dict[str, dict[str, np.ndarray]]  # tensor -> stream -> uint8 view into the decompressed bytes
+    container_bytes: int
+
+
+def _frame_size(view: memoryview) -> int:
+    """Compressed size of the zstd frame at the start of `view`, walking its block headers (no decompression).
+
+    A payload must be exactly one frame with a content checksum: bytes after it, or a frame without a checksum,
+    are not something this codec wrote.
+    """
+    data = view.cast("B") if view.format != "B" else view
+    try:
+        pos = zstandard.frame_header_size(data)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"payload is not a zstd frame: {err}") from None
+    if not (data[4] >> 2) & 1:
+        raise ValueError("payload zstd frame has no content checksum")
+    while True:
+        if pos + 3 > len(data):
+            raise ValueError("payload is truncated inside the zstd frame")
+        head = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
+        pos += 3 + (1 if (head >> 1) & 3 == 1 else head >> 3)
+        if head & 1:
+            return pos + 4
+
+
+def _decompress(payload: bytes | memoryview, limit: int | None) -> np.ndarray:
+    view = memoryview(payload)
+    try:
+        params = zstandard.get_frame_parameters(view)
+    except zstandard.ZstdError as err:
+        raise ValueError(f"payload is not a zstd frame: {err}") from None
+    size = params.content_size
+    if size == zstandard.CONTENTSIZE_UNKNOWN or size == zstandard.CONTENTSIZE_ERROR:
+        raise ValueError("payload zstd frame does not declare its content size")
+    if limit is not None and size > limit:
+        raise ValueError(f"payload declares {size} bytes of content, more than {limit} possible for this base")
+    end = _frame_size(view)
+    if end > len(view):
+        raise ValueError(f"payload is truncated: its zstd frame needs {end} bytes, got {len(view)}")
+    if end < len(view):
+        raise ValueError(f"payload has {len(view) - end} bytes after its zstd frame")
+    try:  # one-shot: checks the frame is complete and its checksum matches
+        data = zstandard.ZstdDecompressor().decompress(view, max_output_size=max(size, 1))
+    except zstandard.ZstdError as err:
+        raise ValueError(f"payload is corrupt (zstd: {err})") from None
+    if len(data) != size:
+        raise ValueError(f"payload decompressed to {len(data)} bytes, its frame declares {size}")
+    return np.frombuffer(data, np.uint8)
+
+
+def _parse_shape(raw: object, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _read_container(payload: bytes | memoryview, limit: int | None) -> _Container:
+    data = _decompress(payload, limit)
+    if data.size < 8:
+        raise ValueError("payload too short for a safetensors header")
+    (hlen,) = struct.unpack("<Q", data[:8].tobytes())
+    if hlen > min(_MAX_HEADER, data.size - 8):
+        raise ValueError(f"payload header length {hlen} exceeds the payload")
+    try:
+        header = json.loads(data[8 : 8 + hlen].tobytes())
+        meta = json.loads(header.pop("__metadata__")[_META_KEY])
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise ValueError(f"payload header is not a heterorl safetensors header: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"payload format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                         f"expected {FORMAT!r}")
+    kind = meta.get("kind")
+    if kind not in (KIND_ANCHOR, KIND_DELTA):
+        raise ValueError(f"payload kind {kind!r} is neither {KIND_ANCHOR!r} nor {KIND_DELTA!r}")
+    block = meta.get("block")
+    if not isinstance(block, int) or not _MIN_BLOCK <= block <= _MAX_BLOCK:
+        raise ValueError(f"payload block size {block!r} outside [{_MIN_BLOCK}, {_MAX_BLOCK}]")
+    tensors = meta.get("tensors")
+    if not isinstance(tensors, dict):
+        raise ValueError("payload metadata has no tensor table")
+    body = data[8 + hlen :]
+    allowed = DELTA_METHODS if kind == KIND_DELTA else ANCHOR_METHODS
+    infos: dict[str, TensorInfo] = {}
+    extras: dict[str, dict] = {}
+    buffers: dict[str, dict[str, np.ndarray]] = {}
+    used = 0
+    for name, t in tensors.items():
+        where = f"tensor {name!r}"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: metadata entry is not an object")
+        method = t.get("method")
+        if method not in allowed:
+            raise ValueError(f"{where}: unknown method {method!r} for a {kind} (known: {', '.join(allowed)})")
+        dtype = _DTYPES.get(t.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{where}: unknown dtype {t.get('dtype')!r}")
+        shape = _parse_shape(t.get("shape"), where)
+        streams = t.get("streams")
+        if not isinstance(streams, dict):
+            raise ValueError(f"{where}: no stream table")
+        bufs = {}
+        for s, length in streams.items():
+            key = f"{name}{_STREAM_SEP}{s}"
+            spec = header.get(key)
+            if not isinstance(spec, dict) or spec.get("dtype") != "U8":
+                raise ValueError(f"{where}: stream {s!r} missing from the container")
+            try:
+                start, end = (int(x) for x in spec["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{where}: stream {s!r} has no valid data_offsets") from None
+            if not (isinstance(length, int) and 0 <= start <= end <= body.size and 0 <= length <= end - start):
+                raise ValueError(f"{where}: stream {s!r} lies outside the payload ({start}..{end}, {length})")
+            used += end - start
+            bufs[s] = body[start : start + length]
+        infos[name] = TensorInfo(method, dtype, shape, {s: int(b.size) for s, b in bufs.items()})
+        extras[name] = t
+        buffers[name] = bufs
+    if len(header) != sum(len(b) for b in buffers.values()):
+        raise ValueError("payload container holds buffers that no tensor uses")
+    return _Container(kind, block, infos, extras, buffers, int(data.size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _check_pair(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+    missing, extra = sorted(set(new) - set(base)), sorted(set(base) - set(new))
+    if missing or extra:
+        raise ValueError(f"new and base name different tensors: only in new {missing[:5]}, only in base {extra[:5]}")
+    for name, t in new.items():
+        b = base[name]
+        if t.dtype != b.dtype or tuple(t.shape) != tuple(b.shape):
+            raise ValueError(f"tensor {name!r}: new is {t.dtype} {tuple(t.shape)}, base is {b.dtype} "
+                             f"{tuple(b.shape)}; a delta needs both the same")
+
+
+def _dense_estimates(new: np.ndarray, base: np.ndarray | None, allowed: Collection[str]) -> dict[str, float]:
+    """Estimated compressed bits of the dense methods from the byte statistics of a sample."""
+    n = new.size
+    if n == 0:
+        return {m: 0.0 for m in (RAW, PLANES, XOR, XOR_PLANES) if m in allowed and (base is not None or m in
+                                                                                  ANCHOR_METHODS)}
+    ns = _sample(new)
+    scale = n / ns.size
+    est: dict[str, float] = {}
+    if RAW in allowed:
+        est[RAW] = scale * _interleaved_bits(ns)
+    if PLANES in allowed and new.dtype.itemsize > 1:
+        est[PLANES] = scale * _plane_bits(ns)
+    if base is not None and (XOR in allowed or XOR_PLANES in allowed):
+        xs = ns ^ _sample(base)
+        if XOR in allowed:
+            est[XOR] = scale * _interleaved_bits(xs)
+        if XOR_PLANES in allowed and new.dtype.itemsize > 1:
+            est[XOR_PLANES] = scale * _plane_bits(xs)
+    return est
+
+
+def _dense_streams(method: str, new: np.ndarray, base: np.ndarray | None) -> dict[str, list[np.ndarray]]:
+    if method == RAW:
+        return {"data": [new]}
+    if method == PLANES:
+        return {"data": [_planes(new)]}
+    x = new ^ base
+    return {"data": [x if method == XOR else _planes(x)]}
+
+
+def encode(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None, *, level: int = 3,
+           threads: int = 2, methods: Collection[str] | None = None, block: int = BLOCK) -> bytes:
+    """Payload that turns `base` into `new` exactly (a delta), or rebuilds `new` alone when base is None (anchor).
+
+    `methods` restricts the candidate representations (default: all that apply); the smallest estimate wins.
+    `block` (a power of two) is the sparse coding unit, recorded in the payload. Composition: encode the newest
+    version against whichever older version the receiver holds.
+    """
+    if not (isinstance(block, int) and _MIN_BLOCK <= block <= _MAX_BLOCK and block & (block - 1) == 0):
+        raise ValueError(f"block must be a power of two in [{_MIN_BLOCK}, {_MAX_BLOCK}], got {block!r}")
+    kind = KIND_ANCHOR if base is None else KIND_DELTA
+    allowed = tuple(ANCHOR_METHODS if base is None else DELTA_METHODS)
+    if methods is not None:
+        unknown = sorted(set(methods) - set(DELTA_METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(DELTA_METHODS)}")
+        allowed = tuple(m for m in allowed if m in set(methods))
+        if not allowed:
+            raise ValueError(f"none of the methods {sorted(methods)} can encode a {kind}")
+    if base is not None:
+        _check_pair(new, base)
+    for name, t in new.items():
+        if not isinstance(name, str) or _STREAM_SEP in name:
+            raise ValueError(f"tensor name {name!r} must be a string without {_STREAM_SEP!r}")
+        _dtype_name(t.dtype)
+
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        entries = [_encode_tensor(name, new[name], None if base is None else base[name], allowed, pool, block)
+                   for name in new]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return _write_container(entries, kind, block, level, threads)
+
+
+def _encode_tensor(name: str, new_t: torch.Tensor, base_t: torch.Tensor | None, allowed: tuple[str, ...],
+                   pool: ThreadPoolExecutor | None, block: int) -> _Entry:
+    new_t = _cpu_contiguous(new_t)
+    new = _flat_ints(new_t)
+    base = None if base_t is None else _flat_ints(_cpu_contiguous(base_t))
+    entry = _Entry(name, "", new_t.dtype, tuple(new_t.shape))
+    est: dict[str, float] = {}
+    blocks: list[_SparseBlock] = []
+    if base is not None and (SAME in allowed or SPARSE in allowed):
+        spans = [(new[s : s + block], base[s : s + block]) for s in range(0, new.size, block)]
+        blocks = _map(_encode_sparse_block, spans, pool)
+        if SAME in allowed and not any(b.syms.size for b in blocks):
+            entry.method = SAME
+            return entry
+        if SPARSE in allowed:
+            others = np.concatenate([b.others for b in blocks]) if blocks else new[:0]
+            zz = _zigzag(others)
+            hist = sum((b.hist for b in blocks), np.zeros(256))
+            est[SPARSE] = _entropy_bits(hist) + _plane_bits(zz) + 128 * len(blocks)
+    if SPARSE not in est or new.size <= _SMALL or est[SPARSE] > _DENSE_WORTH_BITS * new.size:
+        est.update(_dense_estimates(new, base, allowed))
+    if not est:
+        raise ValueError(f"tensor {name!r}: no allowed method can encode it (allowed: {', '.join(allowed)})")
+    method = min(est, key=lambda m: (est[m], allowed.index(m)))
+    entry.method = method
+    if method == SPARSE:
+        counts = np.array([[b.syms.size, b.others.size] for b in blocks], np.int64).reshape(-1, 2)
+        entry.streams = {"index": [counts], "syms": [b.syms for b in blocks], "others": [_planes(zz)]}
+    else:
+        entry.streams = _dense_streams(method, new, base)
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _payload_limit(base: Mapping[str, torch.Tensor] | None) -> int | None:
+    """The largest container a delta against `base` can need; guards against absurd declared sizes."""
+    if base is None:
+        return None
+    total = sum(t.numel() * t.element_size() for t in base.values())
+    names = sum(len(str(name)) for name in base)
+    return 3 * total + 8 * names + 1024 * len(base) + (1 << 20)
+
+
+def _check_streams(c: _Container, name: str, info: TensorInfo) -> None:
+    """Validate a tensor's buffers fully before anything is written, so a bad payload never half-applies."""
+    where = f"tensor {name!r}"
+    bufs = c.buffers[name]
+    n, size = info.numel, info.dtype.itemsize
+    need = {SAME: set(), SPARSE: {"index", "syms", "others"}}.get(info.method, {"data"})
+    if set(bufs) != need:
+        raise ValueError(f"{where}: method {info.method!r} needs streams {sorted(need)}, payload has {sorted(bufs)}")
+    if info.method == SPARSE:
+        nblocks = -(-n // c.block)
+        index = bufs["index"]
+        if index.size != nblocks * 16:
+            raise ValueError(f"{where}: sparse index has {index.size} bytes, expected {nblocks * 16}")
+        counts = index.view(np.int64).reshape(-1, 2)
+        if (counts < 0).any() or int(counts[:, 0].sum()) != bufs["syms"].size or \
+                int(counts[:, 1].sum()) * size != bufs["others"].size:
+            raise ValueError(f"{where}: sparse index does not match its symbol and value streams")
+        sym_at = np.concatenate([[0], np.cumsum(counts[:, 0])])
+        oth_at = np.concatenate([[0], np.cumsum(counts[:, 1])])
+        for i in range(nblocks):
+            length = min(c.block, n - i * c.block)
+            _check_sparse_block(bufs["syms"][sym_at[i] : sym_at[i + 1]], int(oth_at[i + 1] - oth_at[i]), length,
+                                f"{where} block {i}")
+    elif info.method != SAME and bufs["data"].size != n * size:
+        raise ValueError(f"{where}: {info.method} data has {bufs['data'].size} bytes, expected {n * size}")
+
+
+def _check_against(c: _Container, targets: Mapping[str, torch.Tensor] | None, *, widen: bool) -> None:
+    if c.kind == KIND_DELTA and targets is None:
+        raise ValueError("payload is a delta; decoding it needs the base version it was encoded against")
+    if targets is not None:
+        missing, extra = sorted(set(c.infos) - set(targets)), sorted(set(targets) - set(c.infos))
+        if missing or extra:
+            raise ValueError(f"payload and base name different tensors: only in payload {missing[:5]}, "
+                             f"only in base {extra[:5]}")
+        for name, info in c.infos.items():
+            t = targets[name]
+            if tuple(t.shape) != info.shape:
+                raise ValueError(f"tensor {name!r}: payload shape {info.shape}, base shape {tuple(t.shape)}")
+            ok = t.dtype == info.dtype or (widen and t.dtype.is_floating_point and info.dtype.is_floating_point
+                                           and t.dtype.itemsize > info.dtype.itemsize)
+            if not ok:
+                raise ValueError(f"tensor {name!r}: payload dtype {info.dtype}, base dtype {t.dtype}")
+    for name, info in c.infos.items():
+        _check_streams(c, name, info)
+
+
+def _apply_tensor(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | None,
+                  pool: ThreadPoolExecutor | None) -> None:
+    """Write the payload's version of one tensor into `dst` (flat ints); `src` is the base when dst is fresh."""
+    info = c.infos[name]
+    bufs = c.buffers[name]
+    size = info.dtype.itemsize
+    if src is not None and info.method in (SAME, XOR, XOR_PLANES):
+        np.copyto(dst, src)  # sparse copies block by block, while the block is in cache
+    if info.method == SAME:
+        return
+    if info.method == SPARSE:
+        counts = bufs["index"].view(np.int64).reshape(-1, 2)
+        sym_at = np.concatenate([[0], np.cumsum(counts[:, 0])])
+        oth_at = np.concatenate([[0], np.cumsum(counts[:, 1])])
+        others = _unzigzag(np.ascontiguousarray(bufs["others"].reshape(size, -1).T).view(
+            _INT_VIEW[size][2]).reshape(-1)) if bufs["others"].size else dst[:0]
+
+        def run(i: int) -> None:
+            s = i * c.block
+            blk = dst[s : s + c.block]
+            if src is not None:
+                np.copyto(blk, src[s : s + c.block])
+            _apply_sparse_block(blk, bufs["syms"][sym_at[i] : sym_at[i + 1]], others[oth_at[i] : oth_at[i + 1]])
+
+        _map(run, [(i,) for i in range(len(counts))], pool)
+        return
+    data = bufs["data"]
+    if info.method == RAW:
+        dst.view(np.uint8)[...] = data
+    elif info.method == PLANES:
+        _unplanes(data, size, dst)
+    elif info.method == XOR:
+        dst ^= data.view(dst.dtype)
+    else:  # XOR_PLANES, a block at a time so no tensor-sized temporary is needed
+        planes = data.reshape(size, -1)
+        x = np.empty(min(c.block, dst.size), dst.dtype)
+        for s in range(0, dst.size, c.block):
+            part = x[: min(c.block, dst.size - s)]
+            part.view(np.uint8).reshape(-1, size)[...] = planes[:, s : s + part.size].T
+            dst[s : s + part.size] ^= part
+
+
+def inspect(payload: bytes | memoryview) -> PayloadInfo:
+    """Read a payload's table of contents (validating its structure) without applying it."""
+    c = _read_container(payload, None)
+    for name, info in c.infos.items():
+        _check_streams(c, name, info)
+    return PayloadInfo(c.kind, c.block, c.infos, len(memoryview(payload)), c.container_bytes)
+
+
+def decode(payload: bytes | memoryview, base: Mapping[str, torch.Tensor] | None, *,
+           threads: int = 2) -> dict[str, torch.Tensor]:
+    """The version the payload encodes, as new CPU tensors (base is read, never modified)."""
+    c = _read_container(payload, _payload_limit(base))
+    _check_against(c, base, widen=False)
+    out: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for name, info in c.infos.items():
+            t = torch.empty(info.shape, dtype=info.dtype)
+            src = None
+            if info.method in _NEEDS_BASE:
+                src = _flat_ints(_cpu_contiguous(base[name]))
+            _apply_tensor(c, name, _flat_ints(t), src, pool)
+            out[name] = t
+    return out
+
+
+def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tensor], *, threads: int = 2) -> None:
+    """Turn `tensors` (the base version) into the payload's version in place.
+
+    The payload is validated completely before the first tensor changes. At most one tensor-sized temporary is
+    held at a time: for a target that is not contiguous, or whose dtype is a wider float than the encoded one
+    (a sampler computing in fp32 on the exact upcast of the bf16 version), that tensor is converted to the
+    encoded dtype, updated, and copied back.
+    """
+    c = _read_container(payload, _payload_limit(tensors))
+    _check_against(c, tensors, widen=True)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for name, info in c.infos.items():
+            t = tensors[name]
+            with torch.no_grad():
+                direct = t.dtype == info.dtype and t.is_contiguous() and t.device.type == "cpu"
+                work = t if direct else t.detach().to(device="cpu", dtype=info.dtype).contiguous()
+                _apply_tensor(c, name, _flat_ints(work), None, pool)
+                if not direct:
+                    t.copy_(work)
+                    del work
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Version hash
+
+
+def digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """sha256 hex over (sorted name, dtype, shape, raw bytes): the hash a sampler checks after reconstruction.
+
+    With `dtype`, each tensor is hashed as if converted to it (one tensor at a time), so a sampler holding fp32
+    upcasts of a bf16 version gets the bf16 version's hash.
+    """
+    h = hashlib.sha256(FORMAT.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        t = _cpu_contiguous(t)
+        head = json.dumps([name, _dtype_name(t.dtype), list(t.shape)], separators=(",", ":")).encode()
+        h.update(struct.pack("<Q", len(head)) + head)
+        if t.numel():
+            h.update(memoryview(_flat_ints(t).view(np.uint8)))
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""Everything a learner run is configured by: one dataclass, settable from TOML and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from heterorl.common.config import field
+from heterorl.server.losses import LossConfig
+
+
+@dataclass
+class LearnerConfig:
+    host: str = field("127.0.0.1", "address to bind the gRPC server to")
+    port: int = field(50051, "port to bind (0 picks a free one; it is written to RUN_DIR/learner.json)")
+    run_dir: Path = field(Path("runs/learner"), "directory for metrics, checkpoint and summary")
+    model: str = field("smollm2-135m", "'smollm2-135m', 'tiny', or a local Hugging Face causal-LM directory")
+    task: str = field("arithmetic", "'arithmetic' or 'jsonl'")
+    task_path: Path | None = field(None, "JSONL file with question/answer lines (task 'jsonl')")
+    reward: str | None = field(None, "reward function name or 'module:function' (default: the task's)")
+    seed: int = field(0, "seed for the prompt stream, model init of 'tiny' and sampling on the learner")
+    # RL settings
+    loss: str = field("gepo", "gepo | grpo | gspo | dr_grpo | reinforce")
+    eps_low: float = field(0.2, "lower clip range of the importance weight")
+    eps_high: float = field(0.2, "upper clip range of the importance weight")
+    beta_k3: float = field(0.0, "weight of the k3 penalty toward the behaviour policy")
+    adv_norm: str = field("mean", "group advantage: 'mean' (r - mean) or 'mean_std'")
+    group_size: int = field(8, "completions per prompt (G)")
+    groups_per_step: int = field(4, "prompt groups per optimizer step (B)")
+    lr: float = field(2e-6, "AdamW learning rate")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
+    max_staleness: int | None = field(None, "drop (and count) groups more than this many versions old")
+    max_steps: int = field(0, "stop after this many optimizer steps (0 = run until stopped)")
+    # sampling, imposed on every sampler
+    temperature: float = field(1.0, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling mass (1 disables)")
+    top_k: int = field(0, "top-k truncation (0 disables)")
+    max_new_tokens: int = field(16, "most tokens per completion")
+    # leases and flow control
+    lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group")
+    max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
+    # evaluation
+    eval_every: int = field(10, "evaluate on the held-out split every N steps (0 = only first and last)")
+    eval_size: int = field(100, "held-out problems per evaluation")
+    eval_max_new_tokens: int = field(0, "tokens per evaluation answer (0 = max_new_tokens)")
+    # weights
+    keep_versions: int = field(4, "published versions kept for samplers to fetch")
+    chunk_bytes: int = field(2 << 20, "bytes per weight chunk on the wire")
+    threads: int = field(0, "torch threads (0 = torch default)")
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        if self.task_path is not None:
+            self.task_path = Path(self.task_path)
+        checks = [
+            (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (1 <= self.group_size <= 256, "group_size must be in 1..256"),
+            (1 <= self.groups_per_step <= 4096, "groups_per_step must be in 1..4096"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (1 <= self.max_new_tokens <= 32768, "max_new_tokens must be in 1..32768"),
+            (self.lease_ttl_s > 0, "lease_ttl_s must be > 0"),
+            (self.max_inflight_groups >= 0, "max_inflight_groups must be >= 0"),
+            (self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.eval_every >= 0 and self.eval_size >= 0, "eval_every and eval_size must be >= 0"),
+            (self.keep_versions >= 1, "keep_versions must be >= 1"),
+            (64 << 10 <= self.chunk_bytes <= 3 << 20, "chunk_bytes must be in 64 KiB..3 MiB"),
+            (self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.loss_config()  # validates the loss settings early
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            name=self.loss,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            beta_k3=self.beta_k3,
+            adv_norm=self.adv_norm,
+        )
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_groups or 3 * self.groups_per_step
+
+    @property
+    def eval_tokens(self) -> int:
+        return self.eval_max_new_tokens or self.max_new_tokens
