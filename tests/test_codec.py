@@ -343,3 +343,15 @@ def test_memoryview_payload_accepted():
     payload = codec.encode(v1, v0)
     buf = io.BytesIO(b"xx" + payload)
     assert_same(codec.decode(buf.getbuffer()[2:], v0), v1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_other_dtypes_every_method(dtype):
+    gen = torch.Generator().manual_seed(5)
+    v0 = {"x": (torch.randn(3000, generator=gen) * 100).to(dtype), "y": torch.zeros(3, dtype=dtype)}
+    v1 = {"x": v0["x"].clone(), "y": torch.ones(3, dtype=dtype)}
+    v1["x"][::7] += 1
+    for methods in (None, [codec.SPARSE], [codec.XOR], [codec.XOR_PLANES], [codec.RAW], [codec.PLANES]):
+        assert_same(codec.decode(codec.encode(v1, v0, methods=methods, block=SMALL_BLOCK), v0), v1)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        codec.encode({"b": torch.zeros(2, dtype=torch.bool)}, None)

@@ -144,7 +144,7 @@ def test_fetch_weights_validation(served):
     learner, stub, _ = served
     sid = register(stub).sampler_id
     newest = learner.version
-    total = len(learner.versions.get(newest).payload)
+    total = len(learner.versions.payload(0, newest).data)
     cases = {
         grpc.StatusCode.NOT_FOUND: pb.FetchWeightsRequest(sampler_id="S-ghost"),
         grpc.StatusCode.INVALID_ARGUMENT: pb.FetchWeightsRequest(sampler_id=sid, want_version=newest + 5),

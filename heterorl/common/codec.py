@@ -97,7 +97,7 @@ _DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
 _INT_VIEW = {1: (torch.int8, np.int8, np.uint8), 2: (torch.int16, np.int16, np.uint16),
              4: (torch.int32, np.int32, np.uint32), 8: (torch.int64, np.int64, np.uint64)}
 
-# Decoder tables for the sparse alphabet: how far a byte advances, which class it carries, whether it is a change.
+# Tables over the sparse alphabet: how far a byte advances, whether it takes an "other" value, what it adds.
 _SYM = np.arange(256)
 _ADVANCE = np.where(_SYM == _SKIP, _GAP_RUN, _SYM // 3 + 1).astype(np.int64)
 _IS_OTHER = ((_SYM != _SKIP) & (_SYM % 3 == _CLS_OTHER)).astype(np.int64)
@@ -219,12 +219,6 @@ def _sample(flat: np.ndarray, runs: int = 16, run: int = 1024) -> np.ndarray:
     return np.concatenate([flat[s : s + run] for s in starts])
 
 
-def _map(fn: Callable, items: list, pool: ThreadPoolExecutor | None) -> list:
-    if pool is None or len(items) <= 1:
-        return [fn(*it) for it in items]
-    return list(pool.map(lambda it: fn(*it), items))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Sparse blocks
 
@@ -315,9 +309,8 @@ def _apply_sparse_block(dst: np.ndarray, syms: np.ndarray, others: np.ndarray) -
     vals = np.take(_STEP[dst.dtype.type], syms)
     if others.size:
         vals[np.take(_OTHER_MASK, syms)] = others
-    if np.any(syms == _SKIP):
-        change = syms != _SKIP
-        pos, vals = pos[change], vals[change]
+    # A skip byte lands on the last element it skips (always inside the block: a block never ends with a skip)
+    # and adds 0 there, which is cheaper than filtering the skips out.
     np.add.at(dst, pos, vals)
 
 
@@ -332,7 +325,6 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     streams: dict[str, list[np.ndarray]] = field(default_factory=dict)  # stream -> pieces (uint8-viewable)
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _nbytes(pieces: list[np.ndarray]) -> int:
@@ -348,7 +340,7 @@ def _write_container(entries: list[_Entry], kind: str, block: int, level: int, t
     for e in entries:
         lengths = {s: _nbytes(p) for s, p in e.streams.items()}
         meta_tensors[e.name] = {"method": e.method, "dtype": _dtype_name(e.dtype), "shape": list(e.shape),
-                                "streams": lengths, **e.extra}
+                                "streams": lengths}
         for s, pieces in e.streams.items():
             padded = -(-lengths[s] // 8) * 8  # keep every buffer 8-byte aligned
             header[f"{e.name}{_STREAM_SEP}{s}"] = {"dtype": "U8", "shape": [padded],
@@ -382,7 +374,6 @@ class _Container:
     kind: str
     block: int
     infos: dict[str, TensorInfo]
-    extras: dict[str, dict]
     buffers: dict[str, dict[str, np.ndarray]]  # tensor -> stream -> uint8 view into the decompressed bytes
     container_bytes: int
 
@@ -467,7 +458,6 @@ def _read_container(payload: bytes | memoryview, limit: int | None) -> _Containe
     body = data[8 + hlen :]
     allowed = DELTA_METHODS if kind == KIND_DELTA else ANCHOR_METHODS
     infos: dict[str, TensorInfo] = {}
-    extras: dict[str, dict] = {}
     buffers: dict[str, dict[str, np.ndarray]] = {}
     used = 0
     for name, t in tensors.items():
@@ -499,11 +489,10 @@ def _read_container(payload: bytes | memoryview, limit: int | None) -> _Containe
             used += end - start
             bufs[s] = body[start : start + length]
         infos[name] = TensorInfo(method, dtype, shape, {s: int(b.size) for s, b in bufs.items()})
-        extras[name] = t
         buffers[name] = bufs
     if len(header) != sum(len(b) for b in buffers.values()):
         raise ValueError("payload container holds buffers that no tensor uses")
-    return _Container(kind, block, infos, extras, buffers, int(data.size))
+    return _Container(kind, block, infos, buffers, int(data.size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -532,13 +521,13 @@ def _dense_estimates(new: np.ndarray, base: np.ndarray | None, allowed: Collecti
     est: dict[str, float] = {}
     if RAW in allowed:
         est[RAW] = scale * _interleaved_bits(ns)
-    if PLANES in allowed and new.dtype.itemsize > 1:
+    if PLANES in allowed:
         est[PLANES] = scale * _plane_bits(ns)
     if base is not None and (XOR in allowed or XOR_PLANES in allowed):
         xs = ns ^ _sample(base)
         if XOR in allowed:
             est[XOR] = scale * _interleaved_bits(xs)
-        if XOR_PLANES in allowed and new.dtype.itemsize > 1:
+        if XOR_PLANES in allowed:
             est[XOR_PLANES] = scale * _plane_bits(xs)
     return est
 
@@ -580,25 +569,35 @@ def encode(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | N
 
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
-        entries = [_encode_tensor(name, new[name], None if base is None else base[name], allowed, pool, block)
-                   for name in new]
+        # Every block of every tensor goes to the pool first (most tensors are a single block, so per-tensor
+        # parallelism would leave a core idle); the choice per tensor is then made in order.
+        work: list[tuple[str, torch.Tensor, np.ndarray, np.ndarray | None, list]] = []
+        for name, t in new.items():
+            new_t = _cpu_contiguous(t)
+            nf = _flat_ints(new_t)
+            bf = None if base is None else _flat_ints(_cpu_contiguous(base[name]))
+            jobs: list = []
+            if bf is not None and (SAME in allowed or SPARSE in allowed):
+                spans = [(nf[s : s + block], bf[s : s + block]) for s in range(0, nf.size, block)]
+                jobs = [pool.submit(_encode_sparse_block, *sp) if pool else sp for sp in spans]
+            work.append((name, new_t, nf, bf, jobs))
+        entries = []
+        for name, new_t, nf, bf, jobs in work:
+            blocks = [j.result() if pool else _encode_sparse_block(*j) for j in jobs]
+            entries.append(_choose(name, new_t, nf, bf, blocks, allowed, sparse_done=bool(jobs) or not nf.size))
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     return _write_container(entries, kind, block, level, threads)
 
 
-def _encode_tensor(name: str, new_t: torch.Tensor, base_t: torch.Tensor | None, allowed: tuple[str, ...],
-                   pool: ThreadPoolExecutor | None, block: int) -> _Entry:
-    new_t = _cpu_contiguous(new_t)
-    new = _flat_ints(new_t)
-    base = None if base_t is None else _flat_ints(_cpu_contiguous(base_t))
+def _choose(name: str, new_t: torch.Tensor, new: np.ndarray, base: np.ndarray | None, blocks: list[_SparseBlock],
+            allowed: tuple[str, ...], sparse_done: bool) -> _Entry:
+    """The tensor's entry in the smallest (estimated) representation."""
     entry = _Entry(name, "", new_t.dtype, tuple(new_t.shape))
     est: dict[str, float] = {}
-    blocks: list[_SparseBlock] = []
-    if base is not None and (SAME in allowed or SPARSE in allowed):
-        spans = [(new[s : s + block], base[s : s + block]) for s in range(0, new.size, block)]
-        blocks = _map(_encode_sparse_block, spans, pool)
+    zz = None
+    if base is not None and sparse_done:
         if SAME in allowed and not any(b.syms.size for b in blocks):
             entry.method = SAME
             return entry
@@ -681,16 +680,12 @@ def _check_against(c: _Container, targets: Mapping[str, torch.Tensor] | None, *,
         _check_streams(c, name, info)
 
 
-def _apply_tensor(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | None,
-                  pool: ThreadPoolExecutor | None) -> None:
-    """Write the payload's version of one tensor into `dst` (flat ints); `src` is the base when dst is fresh."""
+def _tensor_tasks(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | None) -> list[Callable[[], None]]:
+    """Closures that write the payload's version of one tensor into `dst` (flat ints); `src` is the base to
+    start from when dst is a fresh buffer. Sparse tensors give one task per block."""
     info = c.infos[name]
     bufs = c.buffers[name]
     size = info.dtype.itemsize
-    if src is not None and info.method in (SAME, XOR, XOR_PLANES):
-        np.copyto(dst, src)  # sparse copies block by block, while the block is in cache
-    if info.method == SAME:
-        return
     if info.method == SPARSE:
         counts = bufs["index"].view(np.int64).reshape(-1, 2)
         sym_at = np.concatenate([[0], np.cumsum(counts[:, 0])])
@@ -702,25 +697,40 @@ def _apply_tensor(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | N
             s = i * c.block
             blk = dst[s : s + c.block]
             if src is not None:
-                np.copyto(blk, src[s : s + c.block])
+                np.copyto(blk, src[s : s + c.block])  # copy while the block is about to be in cache anyway
             _apply_sparse_block(blk, bufs["syms"][sym_at[i] : sym_at[i + 1]], others[oth_at[i] : oth_at[i + 1]])
 
-        _map(run, [(i,) for i in range(len(counts))], pool)
-        return
-    data = bufs["data"]
-    if info.method == RAW:
-        dst.view(np.uint8)[...] = data
-    elif info.method == PLANES:
-        _unplanes(data, size, dst)
-    elif info.method == XOR:
-        dst ^= data.view(dst.dtype)
-    else:  # XOR_PLANES, a block at a time so no tensor-sized temporary is needed
-        planes = data.reshape(size, -1)
-        x = np.empty(min(c.block, dst.size), dst.dtype)
-        for s in range(0, dst.size, c.block):
-            part = x[: min(c.block, dst.size - s)]
-            part.view(np.uint8).reshape(-1, size)[...] = planes[:, s : s + part.size].T
-            dst[s : s + part.size] ^= part
+        return [lambda i=i: run(i) for i in range(len(counts))]
+
+    def dense() -> None:
+        if src is not None and info.method in (SAME, XOR, XOR_PLANES):
+            np.copyto(dst, src)
+        if info.method == SAME:
+            return
+        data = bufs["data"]
+        if info.method == RAW:
+            dst.view(np.uint8)[...] = data
+        elif info.method == PLANES:
+            _unplanes(data, size, dst)
+        elif info.method == XOR:
+            np.bitwise_xor(dst, data.view(dst.dtype), out=dst)
+        else:  # XOR_PLANES, a block at a time so no tensor-sized temporary is needed
+            planes = data.reshape(size, -1)
+            x = np.empty(min(c.block, dst.size), dst.dtype)
+            for s in range(0, dst.size, c.block):
+                part = x[: min(c.block, dst.size - s)]
+                part.view(np.uint8).reshape(-1, size)[...] = planes[:, s : s + part.size].T
+                np.bitwise_xor(dst[s : s + part.size], part, out=dst[s : s + part.size])
+
+    return [dense]
+
+
+def _run(tasks: list[Callable[[], None]], pool: ThreadPoolExecutor | None) -> None:
+    if pool is None or len(tasks) <= 1:
+        for task in tasks:
+            task()
+    else:
+        list(pool.map(lambda task: task(), tasks))
 
 
 def inspect(payload: bytes | memoryview) -> PayloadInfo:
@@ -737,14 +747,14 @@ def decode(payload: bytes | memoryview, base: Mapping[str, torch.Tensor] | None,
     c = _read_container(payload, _payload_limit(base))
     _check_against(c, base, widen=False)
     out: dict[str, torch.Tensor] = {}
+    tasks: list[Callable[[], None]] = []
+    for name, info in c.infos.items():
+        t = torch.empty(info.shape, dtype=info.dtype)
+        src = _flat_ints(_cpu_contiguous(base[name])) if info.method in _NEEDS_BASE else None
+        tasks += _tensor_tasks(c, name, _flat_ints(t), src)
+        out[name] = t
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for name, info in c.infos.items():
-            t = torch.empty(info.shape, dtype=info.dtype)
-            src = None
-            if info.method in _NEEDS_BASE:
-                src = _flat_ints(_cpu_contiguous(base[name]))
-            _apply_tensor(c, name, _flat_ints(t), src, pool)
-            out[name] = t
+        _run(tasks, pool)
     return out
 
 
@@ -758,16 +768,22 @@ def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tenso
     """
     c = _read_container(payload, _payload_limit(tensors))
     _check_against(c, tensors, widen=True)
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for name, info in c.infos.items():
+    direct: list[Callable[[], None]] = []
+    indirect: list[str] = []
+    for name, info in c.infos.items():
+        t = tensors[name]
+        if t.dtype == info.dtype and t.is_contiguous() and t.device.type == "cpu":
+            direct += _tensor_tasks(c, name, _flat_ints(t), None)
+        else:
+            indirect.append(name)
+    with ThreadPoolExecutor(max(1, threads)) as pool, torch.no_grad():
+        _run(direct, pool)
+        for name in indirect:  # one converted temporary at a time
             t = tensors[name]
-            with torch.no_grad():
-                direct = t.dtype == info.dtype and t.is_contiguous() and t.device.type == "cpu"
-                work = t if direct else t.detach().to(device="cpu", dtype=info.dtype).contiguous()
-                _apply_tensor(c, name, _flat_ints(work), None, pool)
-                if not direct:
-                    t.copy_(work)
-                    del work
+            work = t.detach().to(device="cpu", dtype=c.infos[name].dtype).contiguous()
+            _run(_tensor_tasks(c, name, _flat_ints(work), None), pool)
+            t.copy_(work)
+            del work
 
 
 # ----------------------------------------------------------------------------------------------------------------

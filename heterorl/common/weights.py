@@ -18,6 +18,10 @@ ENCODING_DELTA = "heterorl-codec-delta-v1"
 ENCODINGS = (ENCODING_ANCHOR, ENCODING_DELTA)
 
 
+class WeightsCorrupt(Exception):
+    """Weights that do not hash to what the learner published; they must never be generated with."""
+
+
 def weight_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """name -> parameter tensor (sharing storage with the model), tied weights listed once.
 

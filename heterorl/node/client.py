@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 import grpc
 
-from heterorl.common.weights import ENCODINGS
+from heterorl.common.weights import ENCODINGS, WeightsCorrupt
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
@@ -25,10 +25,6 @@ TRANSIENT = frozenset(
      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
 T = TypeVar("T")
-
-
-class WeightsCorrupt(Exception):
-    """Downloaded bytes do not hash to what the learner published."""
 
 
 class Stopped(Exception):
@@ -166,9 +162,12 @@ class LearnerClient:
         received = corrupt = reconnects = 0
         delays = self.retry.delays()
         while True:
+            # Resuming asks for exactly the payload being downloaded: same base, same version.
             request = pb.FetchWeightsRequest(
-                sampler_id=sampler_id, have_version=have_version,
-                want_version=meta.version if meta else want_version, offset=offset,
+                sampler_id=sampler_id,
+                have_version=meta.base_version if meta else have_version,
+                want_version=meta.version if meta else want_version,
+                offset=offset,
             )
             try:
                 for chunk in self.stub.FetchWeights(request, timeout=600):

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from heterorl.common import codec
 from heterorl.common.model import load_tokenizer
-from heterorl.common.weights import ENCODING_ANCHOR, weight_tensors
+from heterorl.common.weights import ENCODING_DELTA, WeightsCorrupt, weight_tensors
 from heterorl.v1 import learner_pb2 as pb
 
 
@@ -62,15 +62,18 @@ class TransformersEngine:
         return int(self.model.get_input_embeddings().weight.shape[0])
 
     @torch.no_grad()
-    def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, weights_sha256: str) -> None:
+    def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
+                     weights_sha256: str) -> None:
         """Apply a verified payload in place; the engine refuses to run unless the result hashes right."""
-        if encoding != ENCODING_ANCHOR and self.version == 0:
-            raise ValueError("a delta needs a base version, and this engine holds none")
+        if encoding == ENCODING_DELTA and base_version != self.version:
+            raise WeightsCorrupt(f"delta from v{base_version} cannot apply to v{self.version}")
         self.version = 0  # until the hash says otherwise, these weights are not a published version
-        codec.apply_(memoryview(payload), self.params)
-        digest = codec.digest(self.params, dtype=self.weights_dtype)
-        if digest != weights_sha256:
-            raise ValueError(f"weights of version {version} do not hash to what the learner published")
+        try:
+            codec.apply_(memoryview(payload), self.params)
+        except ValueError as err:
+            raise WeightsCorrupt(f"version {version} payload rejected by the codec: {err}") from err
+        if codec.digest(self.params, dtype=self.weights_dtype) != weights_sha256:
+            raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published")
         self.version = version
 
     @torch.no_grad()

@@ -22,7 +22,8 @@ import grpc
 from heterorl.common.config import field as setting
 from heterorl.common.model import cache_root
 from heterorl.common.tasks import Task, get_reward, make_task
-from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, WeightsCorrupt, is_transient
+from heterorl.common.weights import WeightsCorrupt
+from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
 from heterorl.node.engine import SamplingSettings, TransformersEngine
 from heterorl.v1 import learner_pb2 as pb
 
@@ -143,12 +144,13 @@ class Sampler:
         engine = session.engine
         started = time.perf_counter()
         got = self.client.fetch_weights(session.sampler_id, have_version=engine.version)
-        engine.load_weights(got.encoding, got.payload, got.version, got.weights_sha256)
+        engine.load_weights(got.encoding, got.payload, got.version, got.base_version, got.weights_sha256)
         self.stats.versions_loaded += 1
         self.stats.weight_bytes += got.bytes_received
         self._note_version(got.version)
+        kind = f"delta from v{got.base_version}" if got.base_version else "anchor"
         self.log(
-            f"loaded version {got.version} ({got.bytes_received / 2**20:.1f} MiB, "
+            f"loaded version {got.version} ({kind}, {got.bytes_received / 2**20:.1f} MiB, "
             f"{time.perf_counter() - started:.1f}s)"
         )
 

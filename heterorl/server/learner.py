@@ -162,12 +162,12 @@ class Learner:
         return self.versions.newest
 
     def publish(self) -> None:
+        """Make the trainer's current weights the next version (and pre-encode the delta samplers will want)."""
         version = self.versions.newest + 1
-        published = self.versions.publish(version, self.trainer.snapshot())
-        self.log(
-            f"published version {version}: {len(published.payload) / 2**20:.1f} MiB "
-            f"in {published.encode_seconds:.2f}s"
-        )
+        started = time.perf_counter()
+        delta = self.versions.publish(version, self.trainer.snapshot())
+        size = f", delta from v{version - 1} {len(delta.data) / 2**20:.1f} MiB" if delta else ""
+        self.log(f"published version {version} in {time.perf_counter() - started:.2f}s{size}")
 
     # ---- what the gRPC service calls (each takes the lock) -------------------------------------------------
 
@@ -234,6 +234,7 @@ class Learner:
             )
             self.leases.accept(lease)
             record.groups_accepted += 1
+            record.version = max(record.version, submission.policy_version)
             self.groups_ready.notify_all()
             return False
 
@@ -342,7 +343,8 @@ class Learner:
             "staleness_mean": statistics.fmean(staleness),
             "staleness_max": max(staleness),
             "staleness": staleness,
-            "samplers": sorted({g.sampler_id for g in batch}),
+            "samplers": [g.sampler_id for g in batch],
+            "policy_versions": [g.policy_version for g in batch],
             "leases": [g.lease_id for g in batch],
             "prompts": [g.prompt_index for g in batch],
             "time": time.time(),

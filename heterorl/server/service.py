@@ -147,14 +147,15 @@ class LearnerService(pb_grpc.LearnerServicer):
                 f"want_version {want} is newer than the newest version {newest}",
                 request.sampler_id,
             )
-        published = self.learner.versions.get(want)
-        if published is None:
+        try:
+            payload = self.learner.versions.payload(request.have_version, want)
+        except KeyError:
             self._abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"version {want} is no longer held (held: {self.learner.versions.held()}); ask for the newest",
             )
-        total = len(published.payload)
+        total = len(payload.data)
         if request.offset > total:
             self._abort(
                 context,
@@ -163,19 +164,19 @@ class LearnerService(pb_grpc.LearnerServicer):
                 request.sampler_id,
             )
         chunk_bytes = self.learner.config.chunk_bytes
-        for chunk in iter_chunks(published.payload, chunk_bytes, request.offset):
+        for chunk in iter_chunks(payload.data, chunk_bytes, request.offset):
             if not context.is_active():
                 return
             yield pb.WeightChunk(
-                version=published.version,
-                base_version=published.base_version,
-                encoding=published.encoding,
+                version=payload.version,
+                base_version=payload.base_version,
+                encoding=payload.encoding,
                 total_bytes=total,
                 offset=chunk.offset,
                 data=bytes(chunk.data),
                 chunk_sha256=chunk.sha256,
-                payload_sha256=published.payload_sha256,
-                weights_sha256=published.weights_sha256,
+                payload_sha256=payload.sha256,
+                weights_sha256=payload.weights_sha256,
             )
 
     def SubmitTrajectories(self, request_iterator, context):
