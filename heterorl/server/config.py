@@ -27,13 +27,13 @@ class LearnerConfig:
     adv_norm: str = field("mean", "group advantage: 'mean' (r - mean) or 'mean_std'")
     group_size: int = field(8, "completions per prompt (G)")
     groups_per_step: int = field(4, "prompt groups per optimizer step (B)")
-    lr: float = field(2e-6, "AdamW learning rate")
+    lr: float = field(4e-6, "AdamW learning rate")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
     max_staleness: int | None = field(None, "drop (and count) groups more than this many versions old")
     max_steps: int = field(0, "stop after this many optimizer steps (0 = run until stopped)")
     # sampling, imposed on every sampler
-    temperature: float = field(1.0, "sampling temperature")
+    temperature: float = field(0.7, "sampling temperature (the learner scores log-probs at the same temperature)")
     top_p: float = field(1.0, "nucleus sampling mass (1 disables)")
     top_k: int = field(0, "top-k truncation (0 disables)")
     max_new_tokens: int = field(16, "most tokens per completion")
@@ -42,7 +42,7 @@ class LearnerConfig:
     max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
     # evaluation
     eval_every: int = field(10, "evaluate on the held-out split every N steps (0 = only first and last)")
-    eval_size: int = field(100, "held-out problems per evaluation")
+    eval_size: int = field(200, "held-out problems per evaluation (at most the task's held-out split)")
     eval_max_new_tokens: int = field(0, "tokens per evaluation answer (0 = max_new_tokens)")
     # weights
     keep_versions: int = field(4, "published versions kept for samplers to fetch")

@@ -373,7 +373,8 @@ class Learner:
             )
             if self.config.eval_every and self.trainer.step % self.config.eval_every == 0 and self.config.eval_size:
                 self.evaluate()
-        if self.config.eval_size and (not self.eval_history or self.eval_history[-1][0] != self.trainer.step):
+        finished = not stop.is_set()  # a stop request skips the final evaluation so that stopping is prompt
+        if finished and self.config.eval_size and self.eval_history[-1][0] != self.trainer.step:
             self.evaluate()
         checkpoint = self.save_checkpoint()
         return self.write_summary(started, checkpoint)

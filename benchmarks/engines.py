@@ -1,0 +1,162 @@
+"""vLLM against the transformers engine on the default model: speed, weight-update latency, log-prob agreement.
+
+A real learner (SmolLM2-135M, in this process, behind its real gRPC server) publishes version 1; both engines
+download it through the sampler's client and load it. Then:
+
+* throughput: the same prompts (arithmetic questions, chat-formatted) through both engines, every group of the
+  batch in one call, G completions per prompt; output tokens per second = completion tokens / wall time;
+* update latency: the learner's fp32 weights take one AdamW-sized step (every weight moves by lr, random sign;
+  --lr), it publishes version 2, and the vLLM sampler downloads the delta over loopback gRPC, applies it to its
+  bf16 copy, verifies the hash and pushes it into the live engine. `apply_s` is decode + verify + push (the part
+  a faster link does not shrink); `publish_to_generate_s` adds the download: from then on the engine generates
+  with the new version;
+* log-prob mismatch: vLLM's reported log-probs against the learner's recomputation
+  (`heterorl.server.trainer.completion_logprobs`) on a model holding exactly version 2 (bf16 values in fp32).
+
+The two cores are usually shared (other sessions, demo runs): the load average at start and end is printed, and
+the figures are wall-clock, so read them with that in mind.
+
+    python benchmarks/engines.py                       # 8 prompts x G=8 x 48 tokens
+    python benchmarks/engines.py --prompts 16 --max-new-tokens 32
+
+Ends with: RESULT vllm_tps=... hf_tps=... apply_s=... logprob_mad=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _tokens(groups) -> int:
+    return sum(len(c.token_ids) for g in groups for c in g)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8, help="prompt groups generated together in one call")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=2e-6, help="size of the simulated optimizer step")
+    parser.add_argument("--repeat", type=int, default=2, help="timed generations per engine (best is reported)")
+    parser.add_argument("--skip-hf", action="store_true", help="vLLM only (hf_tps reported as nan)")
+    args = parser.parse_args()
+
+    import torch
+
+    from heterorl.common import codec
+    from heterorl.common.model import load_causal_lm
+    from heterorl.common.tasks import make_task
+    from heterorl.common.weights import weight_tensors
+    from heterorl.node.client import LearnerClient
+    from heterorl.node.engine import SamplingSettings, TransformersEngine
+    from heterorl.node.engine_vllm import VLLMEngine
+    from heterorl.node.sampler import CLIENT_VERSION, _install_model_files
+    from heterorl.server.config import LearnerConfig
+    from heterorl.server.learner import Learner
+    from heterorl.server.service import build_server
+    from heterorl.server.trainer import completion_logprobs
+
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores), torch threads "
+          f"{torch.get_num_threads()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = LearnerConfig(port=0, run_dir=Path(tmp) / "run", eval_size=0, max_new_tokens=args.max_new_tokens,
+                               group_size=args.group_size, temperature=args.temperature, lease_ttl_s=3600)
+        learner = Learner(config, log=lambda _m: None)
+        server, port = build_server(learner, "127.0.0.1", 0)
+        server.start()
+        client = LearnerClient(f"127.0.0.1:{port}", log=lambda _m: None)
+        sid = client.register("bench", "vllm", "cpu", args.prompts, CLIENT_VERSION).sampler_id
+        model_dir = _install_model_files(client.model_files(sid), Path(tmp) / "cache")
+
+        started = time.perf_counter()
+        vllm = VLLMEngine(model_dir, seed=0)
+        print(f"vLLM engine up in {time.perf_counter() - started:.1f}s (dtype {vllm.dtype})", flush=True)
+        hf = None if args.skip_hf else TransformersEngine(model_dir, seed=0)
+        anchor = client.fetch_weights(sid, have_version=0)
+        for engine in filter(None, (vllm, hf)):
+            engine.load_weights(anchor.encoding, anchor.payload, anchor.version, anchor.base_version,
+                                anchor.weights_sha256)
+        print(f"anchor v1: {len(anchor.payload) / 2**20:.0f} MiB, vLLM applied it in {vllm.last_apply.total_s:.2f}s "
+              f"(decode {vllm.last_apply.decode_s:.2f} verify {vllm.last_apply.verify_s:.2f} "
+              f"push {vllm.last_apply.push_s:.2f})", flush=True)
+
+        task = make_task("arithmetic", seed=0)
+        prompts = [learner.encode(task.train_problem(i)) for i in range(args.prompts)]
+        sampling = SamplingSettings(args.temperature, 1.0, 0, args.max_new_tokens)
+        rows = args.prompts * args.group_size
+        tps: dict[str, float] = {}
+        for engine in filter(None, (vllm, hf)):
+            best = 0.0
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                groups = engine.generate(prompts, args.group_size, sampling)
+                seconds = time.perf_counter() - t0
+                best = max(best, _tokens(groups) / seconds)
+                print(f"{engine.name:>12}: {rows} sequences, {_tokens(groups)} tokens in {seconds:.1f}s "
+                      f"= {_tokens(groups) / seconds:.1f} tokens/s", flush=True)
+            tps[engine.name] = best
+
+        # One optimizer-sized step on the learner's fp32 weights, published as version 2.
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for tensor in weight_tensors(learner.trainer.model).values():
+                tensor.add_(torch.randn(tensor.shape, generator=generator).sign_() * args.lr)
+        encode_started = time.perf_counter()
+        learner.publish()  # encodes the v1 -> v2 delta up front, as every run does
+        published = time.perf_counter()
+        delta = client.fetch_weights(sid, have_version=vllm.version)
+        downloaded = time.perf_counter()
+        vllm.load_weights(delta.encoding, delta.payload, delta.version, delta.base_version, delta.weights_sha256)
+        applied = time.perf_counter()
+        groups = vllm.generate(prompts[:1], args.group_size, sampling)
+        first_group = time.perf_counter()
+        timing = vllm.last_apply
+        info = codec.inspect(delta.payload)
+        print(f"delta v1->v2: {len(delta.payload) / 2**20:.2f} MiB ({info.method_counts()}), learner encode "
+              f"{published - encode_started:.2f}s; then download {downloaded - published:.2f}s, decode "
+              f"{timing.decode_s:.2f}s, verify {timing.verify_s:.2f}s, push {timing.push_s:.2f}s "
+              f"({timing.tensors_pushed} tensors); first group with it {first_group - applied:.2f}s", flush=True)
+        publish_to_generate = applied - published  # the engine can generate with v2 from here on
+
+        # Log-probs: vLLM's against the learner's recomputation on exactly version 2.
+        groups = vllm.generate(prompts, args.group_size, sampling)
+        reference = load_causal_lm(learner.model_dir)
+        with torch.no_grad():
+            source = learner.trainer.snapshot()  # bf16, as published: no step since version 2
+            for name, tensor in weight_tensors(reference).items():
+                tensor.copy_(source[name].float())
+            diffs = []
+            for prompt, group in zip(prompts, groups):
+                sequences = [prompt + c.token_ids for c in group]
+                logprobs, mask = completion_logprobs(reference, sequences, [len(prompt)] * len(group),
+                                                     args.temperature, learner.pad_id)
+                reported = torch.zeros_like(logprobs)
+                for row, c in enumerate(group):
+                    reported[row, : len(c.logprobs)] = torch.tensor(c.logprobs)
+                diffs.append((logprobs - reported).abs()[mask])
+        diff = torch.cat(diffs)
+        mad, worst = float(diff.mean()), float(diff.max())
+        print(f"log-probs, vLLM vs learner recomputation ({diff.numel()} tokens): mean abs diff {mad:.2e}, "
+              f"max {worst:.2e}", flush=True)
+
+        vllm.close()
+        client.close()
+        server.stop(0)
+    vllm_tps, hf_tps = tps.get("vllm", float("nan")), tps.get("transformers", float("nan"))
+    print(f"load average at end: {os.getloadavg()[0]:.2f}; vLLM / transformers = {vllm_tps / hf_tps:.2f}x; "
+          f"published -> generating with it: {publish_to_generate:.2f}s", flush=True)
+    print(f"RESULT vllm_tps={vllm_tps:.1f} hf_tps={hf_tps:.1f} apply_s={timing.total_s:.2f} "
+          f"logprob_mad={mad:.2e} logprob_max={worst:.2e} publish_to_generate_s={publish_to_generate:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

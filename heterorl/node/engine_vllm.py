@@ -1,0 +1,290 @@
+"""The vLLM engine: real vLLM generating in this process, its weights replaced in place by each verified version.
+
+Why it is built this way:
+
+* In-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Weight updates hand vLLM's model runner a Python
+  iterator of tensors (``reload_weights(weights_iterator=..., is_checkpoint_format=True)``): no engine restart,
+  no files, no copy through a pipe. ``reload_weights`` re-runs vLLM's own post-load processing per layer (fused
+  qkv / gate_up projections, the oneDNN repacking of linear weights on CPU), which a plain
+  ``model.load_weights`` skips. The prefix cache is reset afterwards so no KV computed with old weights is reused.
+* One bf16 copy of the version. The codec applies an anchor or a delta in place to ``params`` (the published
+  bf16 tensors, HF checkpoint names), the digest is checked, and only then are the tensors pushed into vLLM,
+  which keeps its own weights in its compute dtype. Pushing converts one layer at a time; nothing else holds a
+  full copy. A rejected payload never reaches vLLM; the engine reports version 0 until a good anchor arrives.
+* Log-probs are vLLM's ``processed_logprobs``: after temperature and top-k/top-p, renormalized over the kept
+  tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine` for the exact rule the
+  learner recomputes).
+* Group integrity: ``generate`` and ``load_weights`` hold one lock and ``generate`` submits every group of a
+  batch (``n = G`` per prompt) in one call, so all completions of a group come from the version reported.
+* Process settings: vLLM reads its switches from the environment; the engine sets the few it needs before vLLM
+  is imported (in-process engine, quieter logs) and pins ``OMP_NUM_THREADS`` to the current torch thread count,
+  since vLLM otherwise drops an in-process engine to one torch thread. vLLM also makes ``torch.set_num_threads``
+  a no-op for the rest of the process. A sampler process runs one engine, so these stay confined to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from heterorl.common import codec
+from heterorl.common.model import load_tokenizer
+from heterorl.common.weights import ENCODING_DELTA, WeightsCorrupt, weight_tensors
+from heterorl.node.engine import ENGINE_VLLM, GeneratedCompletion, SamplingSettings, cut_at_stop
+from heterorl.v1 import learner_pb2 as pb
+
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+VERSION_DTYPE = torch.bfloat16  # what the learner publishes and hashes
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Engine knobs; the defaults suit a CPU sampler of a small model."""
+
+    dtype: str = "auto"  # compute dtype: "auto" = float32 on CPU (no bf16 matmul units assumed), bfloat16 on GPUs
+    kv_cache_gib: float = 2.0  # KV cache size on CPU (GPUs size it from gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096  # capped at the model's own limit
+    max_num_seqs: int = 256  # sequences decoded together; many groups at once is where vLLM earns its speed
+    enforce_eager: bool = True  # skip torch.compile: starts in seconds; compiled decode is not faster here
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len < 16 or self.max_num_seqs < 1:
+            raise ValueError("max_model_len must be >= 16 and max_num_seqs >= 1")
+
+
+@dataclass(frozen=True)
+class ApplyTiming:
+    """Where the time of the last weight update went (seconds)."""
+
+    decode_s: float  # codec: validate the payload and apply it to the bf16 copy
+    verify_s: float  # sha256 of the whole version
+    push_s: float  # hand the tensors to vLLM (its per-layer processing included) and reset the prefix cache
+    tensors_pushed: int
+
+    @property
+    def total_s(self) -> float:
+        return self.decode_s + self.verify_s + self.push_s
+
+
+def _prepare_process_env() -> None:
+    """Settings vLLM reads from the environment; must run before vllm is imported."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # weights go in as Python tensors, so the engine is local
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def _update_groups(names: list[str]) -> dict[str, str]:
+    """name -> the unit vLLM loads together: a whole decoder layer ("model.layers.3"), else the module.
+
+    vLLM fuses checkpoint tensors (q/k/v, gate/up, experts) into one parameter and processes a layer only once
+    all its parts have arrived, so an update pushes every tensor of any unit that changed.
+    """
+    groups = {}
+    for name in names:
+        parts = name.split(".")
+        cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), len(parts) - 1)
+        groups[name] = ".".join(parts[:cut])
+    return groups
+
+
+class VLLMEngine:
+    name = ENGINE_VLLM
+
+    def __init__(self, model_dir: Path, seed: int = 0, options: VLLMOptions | None = None):
+        self.options = options or VLLMOptions()
+        _prepare_process_env()
+        from vllm import LLM  # imported late: it takes seconds and needs the environment above
+
+        # A partial update leaves some layers unloaded on purpose (unchanged ones, the tied lm_head, rotary
+        # tables); vLLM warns about each on every update. Failures that matter surface as exceptions.
+        for module in ("layerwise", "inplace"):
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{module}").setLevel(logging.ERROR)
+
+        model_dir = Path(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):  # names and shapes only; the bf16 copy below is the one real allocation
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self._vocab_size = int(skeleton.get_input_embeddings().weight.shape[0])
+        self.params = {n: torch.empty(t.shape, dtype=VERSION_DTYPE) for n, t in weight_tensors(skeleton).items()}
+        del skeleton
+        self._groups = _update_groups(list(self.params))
+        self.tokenizer = load_tokenizer(model_dir)
+        eos = self.tokenizer.eos_token_id
+        self.eos_ids = {int(eos)} if eos is not None else set()
+        self.version = 0  # 0: no verified weights yet; never generate then
+        self.last_apply: ApplyTiming | None = None
+        self._lock = threading.Lock()
+
+        opts = self.options
+        on_cpu = _vllm_on_cpu()
+        dtype = opts.dtype if opts.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        limit = getattr(config, "max_position_embeddings", None) or opts.max_model_len
+        memory = (
+            {"kv_cache_memory_bytes": int(opts.kv_cache_gib * 2**30)}
+            if on_cpu
+            else {"gpu_memory_utilization": opts.gpu_memory_utilization}
+        )
+        started = time.perf_counter()
+        # Random weights until the first verified version: the sampler's model directory holds no weights.
+        self._llm = LLM(
+            model=str(model_dir), tokenizer=str(model_dir), load_format="dummy", dtype=dtype, seed=seed,
+            max_model_len=min(limit, opts.max_model_len), max_num_seqs=opts.max_num_seqs,
+            enforce_eager=opts.enforce_eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            **memory,
+        )
+        self.dtype = dtype
+        try:
+            self._warm_up()
+        except Exception as err:  # vLLM reports unsupported models (e.g. a head size with no kernel) only here
+            self.close()
+            raise RuntimeError(f"vLLM cannot run the model in {model_dir} on this machine: {err}") from err
+        self.start_seconds = time.perf_counter() - started
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def close(self) -> None:
+        """Release the engine's memory now rather than when it is garbage collected."""
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            self._llm = None
+
+    def _warm_up(self) -> None:
+        """One tiny generation: vLLM compiles its log-prob gather on first use, and an unsupported model or
+        machine should fail here, at start-up, not on the first leased group."""
+        self._generate_raw([[next(iter(self.eos_ids), 0)]], 1, SamplingSettings(1.0, 1.0, 0, 2))
+
+    # -- weights
+
+    @torch.no_grad()
+    def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
+                     weights_sha256: str) -> None:
+        """Apply a payload to the bf16 copy, verify its hash, then replace vLLM's weights in place."""
+        with self._lock:
+            if encoding == ENCODING_DELTA and base_version != self.version:
+                raise WeightsCorrupt(f"delta from v{base_version} cannot apply to v{self.version}")
+            self.version = 0  # until the hash says otherwise (and vLLM holds them), not a published version
+            started = time.perf_counter()
+            try:
+                if encoding == ENCODING_DELTA:  # a delta is small: reading its table of contents costs little
+                    info = codec.inspect(memoryview(payload))
+                    same = {n for n, t in info.tensors.items() if t.method == codec.SAME}
+                else:
+                    same = set()
+                codec.apply_(memoryview(payload), self.params)
+            except ValueError as err:
+                raise WeightsCorrupt(f"version {version} payload rejected by the codec: {err}") from err
+            decoded = time.perf_counter()
+            if codec.digest(self.params, dtype=VERSION_DTYPE) != weights_sha256:
+                raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published")
+            verified = time.perf_counter()
+            changed = {self._groups[n] for n in self.params if n not in same}
+            names = [n for n in self.params if self._groups[n] in changed]
+            if names:
+                self._push(names)
+            self.last_apply = ApplyTiming(decoded - started, verified - decoded, time.perf_counter() - verified,
+                                          len(names))
+            self.version = version
+
+    def _push(self, names: list[str]) -> None:
+        llm = self._llm
+        llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": ((n, self.params[n]) for n in names), "is_checkpoint_format": True},
+        )
+        llm.collective_rpc(_refresh_tied_layers)
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+
+    # -- generation
+
+    def generate(self, prompts: list[list[int]], group_size: int,
+                 sampling: SamplingSettings) -> list[list[GeneratedCompletion]]:
+        """group_size completions for each prompt, all from the current version, in one vLLM call."""
+        with self._lock:
+            if self.version == 0:
+                raise RuntimeError("no verified weights loaded")
+            return self._generate_raw(prompts, group_size, sampling)
+
+    def _generate_raw(self, prompts: list[list[int]], group_size: int,
+                      sampling: SamplingSettings) -> list[list[GeneratedCompletion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if any(not p for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        params = SamplingParams(
+            n=group_size, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None,
+            stop_token_ids=sorted(self.eos_ids), include_stop_str_in_output=True,
+            logprobs=0,  # the sampled token's own log-prob only
+            detokenize=bool(sampling.stop),  # text is decoded here, the same way for every engine
+        )
+        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                     use_tqdm=False)
+        groups = []
+        for request in outputs:
+            if len(request.outputs) != group_size:
+                raise RuntimeError(f"vLLM returned {len(request.outputs)} completions for a group of {group_size}")
+            group = []
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                tokens = [int(t) for t in out.token_ids]
+                if out.finish_reason not in _FINISH or out.logprobs is None or len(out.logprobs) != len(tokens):
+                    raise RuntimeError(f"vLLM finished a completion with {out.finish_reason!r} and "
+                                       f"{0 if out.logprobs is None else len(out.logprobs)} log-probs "
+                                       f"for {len(tokens)} tokens")
+                logprobs = [float(step[tok].logprob) for step, tok in zip(out.logprobs, tokens)]
+                finish = _FINISH[out.finish_reason]
+                stop_at = cut_at_stop(tokens, self._decode, sampling.stop)
+                if stop_at is not None and stop_at < len(tokens):  # same cut as the transformers engine
+                    tokens, logprobs, finish = tokens[:stop_at], logprobs[:stop_at], pb.FINISH_REASON_STOP
+                group.append(GeneratedCompletion(tokens, logprobs, finish, self._decode(tokens)))
+            groups.append(group)
+        return groups
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _refresh_tied_layers(worker) -> int:
+    """Re-process layers whose weight belongs to another layer (a tied lm_head); runs inside vLLM's worker.
+
+    `reload_weights` processes only the layers it loaded. A tied lm_head loads nothing (its weight is the
+    embedding's), so on CPU its packed GEMM copy would keep the weights vLLM started with; packing it again from
+    the shared, now updated tensor fixes that. Returns how many layers were re-processed.
+    """
+    model = worker.model_runner.get_model()
+    owner = {id(param): name for name, param in model.named_parameters()}  # a shared tensor: its first name
+    refreshed = 0
+    for prefix, module in model.named_modules():
+        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
+        if method is None or not isinstance(weight, torch.Tensor) or id(weight) not in owner:
+            continue
+        if owner[id(weight)] != f"{prefix}.weight":
+            method.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
