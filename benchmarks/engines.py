@@ -16,8 +16,8 @@ download it through the sampler's client and load it. Then:
 The two cores are usually shared (other sessions, demo runs): the load average at start and end is printed, and
 the figures are wall-clock, so read them with that in mind.
 
-    python benchmarks/engines.py                       # 8 prompts x G=8 x 48 tokens
-    python benchmarks/engines.py --prompts 16 --max-new-tokens 32
+    python benchmarks/engines.py                       # 16 prompts x G=8 (128 sequences) x 48 tokens
+    python benchmarks/engines.py --prompts 8 --repeat 2   # 64 sequences, best of two
 
 Ends with: RESULT vllm_tps=... hf_tps=... apply_s=... logprob_mad=...
 """
@@ -40,12 +40,12 @@ def _tokens(groups) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8, help="prompt groups generated together in one call")
+    parser.add_argument("--prompts", type=int, default=16, help="prompt groups generated together in one call")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-6, help="size of the simulated optimizer step")
-    parser.add_argument("--repeat", type=int, default=2, help="timed generations per engine (best is reported)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed generations per engine (best is reported)")
     parser.add_argument("--skip-hf", action="store_true", help="vLLM only (hf_tps reported as nan)")
     args = parser.parse_args()
 

@@ -74,7 +74,7 @@ def test_learner_and_two_samplers_train_end_to_end(processes, tmp_path, tiny_cac
     for sampler_id, versions in by_sampler.items():
         assert max(versions) > 1, f"{sampler_id} only ever generated with version 1"
     # Late steps train on fresh groups: samplers keep up with the newest version.
-    assert min(r["staleness_max"] for r in train[-3:]) <= 3
+    assert min(r["staleness_max"] for r in train[-3:]) <= 4  # flow control keeps about 3 steps in flight
 
     # The saved checkpoint differs from the starting weights.
     start = load_file(str(tiny_cache / "models" / "tiny-seed0" / "model.safetensors"))

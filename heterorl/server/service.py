@@ -285,6 +285,11 @@ def build_server(learner: Learner, host: str, port: int, max_workers: int = 16) 
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
+        # Samplers ping every 30 s to keep idle links alive through NATs; gRPC's default server policy answers
+        # such pings with GOAWAY too_many_pings and drops the connection.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     pb_grpc.add_LearnerServicer_to_server(LearnerService(learner), server)
