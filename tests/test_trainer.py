@@ -21,14 +21,14 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_full_forward(tiny_cache)
     rng = random.Random(3)
     prompt = [rng.randrange(4, 90) for _ in range(11)]
     completions = [[rng.randrange(4, 90) for _ in range(n)] for n in (1, 5, 3, 7)]
-    for temperature in (1.0, 0.7):
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 5, 0.8)):
         model.zero_grad()
-        fast, fast_mask = group_logprobs(model, prompt, completions, temperature, pad_id=0)
+        fast, fast_mask = group_logprobs(model, prompt, completions, temperature, 0, top_k, top_p)
         (fast * torch.linspace(0.5, 2.0, fast.numel()).view_as(fast)).sum().backward()
         fast_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         plain, plain_mask = completion_logprobs(
-            model, [prompt + c for c in completions], [len(prompt)] * len(completions), temperature, pad_id=0
+            model, [prompt + c for c in completions], [len(prompt)] * len(completions), temperature, 0, top_k, top_p
         )
         (plain * torch.linspace(0.5, 2.0, plain.numel()).view_as(plain)).sum().backward()
         assert torch.equal(fast_mask, plain_mask)

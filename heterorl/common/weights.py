@@ -42,13 +42,27 @@ class Chunk:
     sha256: str
 
 
-def iter_chunks(payload: bytes, chunk_bytes: int, offset: int = 0) -> Iterator[Chunk]:
-    """Slices of `payload` from `offset`, each with its own hash; views, never copies of the payload."""
+def chunk_hashes(payload: bytes, chunk_bytes: int) -> tuple[str, ...]:
+    """The hash of every aligned chunk, computed once per payload however many samplers fetch it."""
+    view = memoryview(payload)
+    return tuple(sha256_hex(view[s : s + chunk_bytes]) for s in range(0, len(payload), chunk_bytes))
+
+
+def iter_chunks(payload: bytes, chunk_bytes: int, offset: int = 0, hashes: tuple[str, ...] = ()) -> Iterator[Chunk]:
+    """Slices of `payload` from `offset`, each with its hash; views, never copies of the payload.
+
+    Chunks stay aligned to multiples of `chunk_bytes` (a resume from inside a chunk first sends the rest of that
+    chunk), so the precomputed `hashes` of aligned chunks serve every fetch; other pieces are hashed here.
+    """
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be > 0")
     if not 0 <= offset <= len(payload):
         raise ValueError(f"offset {offset} outside payload of {len(payload)} bytes")
     view = memoryview(payload)
-    for start in range(offset, len(payload), chunk_bytes):
-        piece = view[start : start + chunk_bytes]
-        yield Chunk(offset=start, data=piece, sha256=sha256_hex(piece))
+    start = offset
+    while start < len(payload):
+        end = min(len(payload), (start // chunk_bytes + 1) * chunk_bytes)
+        piece = view[start:end]
+        aligned = start % chunk_bytes == 0 and len(hashes) > start // chunk_bytes
+        yield Chunk(offset=start, data=piece, sha256=hashes[start // chunk_bytes] if aligned else sha256_hex(piece))
+        start = end

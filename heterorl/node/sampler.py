@@ -198,11 +198,9 @@ class Sampler:
             self.outbox = [g for g in self.outbox if g.lease_id not in acked]
             if failure is None:
                 return
-            code = failure.code() if isinstance(failure, grpc.Call) else None
-            if code is None or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-                                        grpc.StatusCode.RESOURCE_EXHAUSTED):
-                raise failure  # transient: the run loop reconnects and sends the outbox again
+            if is_transient(failure):
+                raise failure  # the run loop reconnects and sends the outbox again
+            code = failure.code()
             # Refused on purpose: the first unacknowledged group is the one the learner rejected.
             refused = self.outbox.pop(0)
             self.stats.groups_refused += 1

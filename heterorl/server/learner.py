@@ -114,18 +114,19 @@ class Learner:
                 weight_decay=config.weight_decay,
                 max_grad_norm=config.max_grad_norm,
                 temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
                 loss=config.loss_config(),
             ),
         )
         self.leases = LeaseBook(problem_at=self.task.train_problem, encode=self.encode, ttl_s=config.lease_ttl_s)
         self.store = TrajectoryStore()
-        self.versions = VersionStore(keep=config.keep_versions)
+        self.versions = VersionStore(keep=config.keep_versions, chunk_bytes=config.chunk_bytes)
         self.samplers: dict[str, SamplerRecord] = {}
         self.lock = threading.Lock()
         self.groups_ready = threading.Condition(self.lock)
         self.metrics = MetricsLog(config.run_dir / "metrics.jsonl")
         self.staleness_seen: list[int] = []
-        self.groups_dropped_stale = 0
         self.last_reward_mean = float("nan")
         self.eval_history: list[tuple[int, float]] = []
         self.publish()  # version 1: the weights the run starts from
@@ -294,7 +295,6 @@ class Learner:
                     staleness = self.version - group.policy_version
                     if self.config.max_staleness is not None and staleness > self.config.max_staleness:
                         self.leases.finish(group.lease_id, trained=False)
-                        self.groups_dropped_stale += 1
                     else:
                         batch.append(group)
             if stop.is_set():  # give unfinished work back so the accounting stays exact

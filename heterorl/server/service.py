@@ -164,7 +164,7 @@ class LearnerService(pb_grpc.LearnerServicer):
                 request.sampler_id,
             )
         chunk_bytes = self.learner.config.chunk_bytes
-        for chunk in iter_chunks(payload.data, chunk_bytes, request.offset):
+        for chunk in iter_chunks(payload.data, chunk_bytes, request.offset, payload.chunk_sha256):
             if not context.is_active():
                 return
             yield pb.WeightChunk(

@@ -25,6 +25,8 @@ class TrainerConfig:
     max_grad_norm: float
     temperature: float
     loss: LossConfig
+    top_k: int = 0        # the run's sampling rule, so recomputed log-probs match what samplers report
+    top_p: float = 1.0
     micro_groups: int = 4  # groups per forward/backward; bounds the memory of the logits
 
 
@@ -91,7 +93,8 @@ def completion_logprobs(
 
 
 def group_logprobs(
-    model: torch.nn.Module, prompt: list[int], completions: list[list[int]], temperature: float, pad_id: int
+    model: torch.nn.Module, prompt: list[int], completions: list[list[int]], temperature: float, pad_id: int,
+    top_k: int = 0, top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`completion_logprobs` for the G completions of one prompt, running the shared prompt only once.
 
@@ -116,8 +119,7 @@ def group_logprobs(
         logits = torch.cat([first, rest], dim=1)
     else:
         logits = first
-    logits = logits.float() / temperature  # [G, T, V]
-    logprobs = logits.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logprobs = sampled_token_logprobs(logits, tokens, temperature, top_k, top_p)  # [G, T]
     mask = torch.arange(width, device=device)[None, :] < torch.tensor([len(c) for c in completions], device=device)[:, None]
     return logprobs.masked_fill(~mask, 0.0), mask
 
@@ -171,7 +173,7 @@ class Trainer:
         for group in groups:
             logprobs, mask = group_logprobs(
                 self.model, list(group.prompt_token_ids), [list(c.token_ids) for c in group.completions],
-                self.config.temperature, self.pad_id,
+                self.config.temperature, self.pad_id, self.config.top_k, self.config.top_p,
             )
             pad = width - logprobs.shape[1]
             rows.append(torch.nn.functional.pad(logprobs, (0, pad)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from heterorl.common import codec
-from heterorl.common.weights import ENCODING_ANCHOR, ENCODING_DELTA, sha256_hex
+from heterorl.common.weights import ENCODING_ANCHOR, ENCODING_DELTA, chunk_hashes, sha256_hex
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Payload:
     sha256: str
     weights_sha256: str      # codec.digest of the version's tensors: what the sampler must end up holding
     encode_seconds: float
+    chunk_sha256: tuple[str, ...]  # hash of each aligned chunk, computed once for every sampler that fetches it
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,16 @@ class _Version:
     version: int
     tensors: dict[str, torch.Tensor]
     weights_sha256: str
-    published_at: float
 
 
 class VersionStore:
     """Thread-safe: the trainer publishes while gRPC handlers fetch payloads."""
 
-    def __init__(self, keep: int, cached_payloads: int = 16):
+    def __init__(self, keep: int, chunk_bytes: int, cached_payloads: int = 16):
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.keep = keep
+        self.chunk_bytes = chunk_bytes
         self.cached_payloads = cached_payloads
         self._versions: OrderedDict[int, _Version] = OrderedDict()
         self._payloads: OrderedDict[tuple[int, int], Payload] = OrderedDict()
@@ -60,7 +61,7 @@ class VersionStore:
             newest = next(reversed(self._versions), 0)
             if version <= newest:
                 raise ValueError(f"version {version} is not newer than {newest}")
-            self._versions[version] = _Version(version, tensors, codec.digest(tensors), time.time())
+            self._versions[version] = _Version(version, tensors, codec.digest(tensors))
             while len(self._versions) > self.keep:
                 old, _ = self._versions.popitem(last=False)
                 for key in [k for k in self._payloads if old in k]:
@@ -96,6 +97,7 @@ class VersionStore:
                 sha256=sha256_hex(data),
                 weights_sha256=target.weights_sha256,
                 encode_seconds=time.perf_counter() - started,
+                chunk_sha256=chunk_hashes(data, self.chunk_bytes),
             )
             with self._lock:
                 self.encodes += 1
@@ -110,6 +112,7 @@ class VersionStore:
             return payload
 
     def weights_sha256(self, version: int) -> str | None:
+        """The digest a sampler must reach for `version`, or None once it is pruned."""
         with self._lock:
             held = self._versions.get(version)
             return held.weights_sha256 if held else None
