@@ -195,6 +195,17 @@ def load_causal_lm(path: Path | str, dtype: torch.dtype = torch.float32):
     return model
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for batched generation: left padding, so every row continues at the right edge."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention[i, width - len(row) :] = 1
+    return ids, attention
+
+
 def encode_prompt(tokenizer, question: str) -> list[int]:
     """Token ids of the chat-formatted question, ending where the assistant's answer begins."""
     text = tokenizer.apply_chat_template(

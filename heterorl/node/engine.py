@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from heterorl.common import codec
-from heterorl.common.model import load_tokenizer
+from heterorl.common.model import left_pad, load_tokenizer
 from heterorl.common.weights import ENCODING_DELTA, WeightsCorrupt, weight_tensors
 from heterorl.v1 import learner_pb2 as pb
 
@@ -168,13 +168,8 @@ class TransformersEngine:
         """group_size completions for each prompt, all from the current version, batched in one call."""
         if self.version == 0:
             raise RuntimeError("no verified weights loaded")
-        rows = [p for p in prompts for _ in range(group_size)]
-        width = max(len(p) for p in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for r, prompt in enumerate(rows):  # left padding: every row continues at the right edge
-            ids[r, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention[r, width - len(prompt) :] = 1
+        ids, attention = left_pad([p for p in prompts for _ in range(group_size)], self.pad_id)
+        width = ids.shape[1]
         generation = GenerationConfig(
             do_sample=True,
             temperature=sampling.temperature,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from heterorl.common.model import left_pad
 from heterorl.common.tasks import Problem
 from heterorl.common.weights import weight_tensors
 from heterorl.server.losses import LossConfig, policy_loss
@@ -201,13 +202,8 @@ class Trainer:
         correct = 0
         for first in range(0, len(problems), batch_size):
             batch = problems[first : first + batch_size]
-            prompts = [encode(p) for p in batch]
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for row, p in enumerate(prompts):  # left padding: generation continues at the right edge
-                ids[row, width - len(p) :] = torch.tensor(p)
-                attention[row, width - len(p) :] = 1
+            ids, attention = left_pad([encode(p) for p in batch], self.pad_id)
+            width = ids.shape[1]
             out = self.model.generate(
                 input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=max_new_tokens,
                 pad_token_id=self.pad_id,
