@@ -13,7 +13,7 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from heterorl.common.tasks import Task, get_reward, make_task
 from heterorl.common.weights import WeightsCorrupt
 from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
 from heterorl.node.engine import SamplingSettings, TransformersEngine, check_engine, create_engine
+from heterorl.node.lag import LagPolicy
 from heterorl.v1 import learner_pb2 as pb
 
 CLIENT_VERSION = "heterorl-0.1.0"
@@ -44,6 +45,13 @@ class SamplerConfig:
     max_groups: int = setting(0, "exit after this many acknowledged groups (0 = run until stopped)")
     retry_max_s: float = setting(10.0, "longest pause between reconnection attempts")
     give_up_s: float = setting(0.0, "exit when the learner stays unreachable this long (0 = never)")
+    # deliberate lag, for staleness experiments (see heterorl/node/lag.py)
+    lag_versions: int = setting(0, "lag on purpose: refresh weights only once the learner is this many versions ahead")
+    lag_seconds: float = setting(0.0, "lag on purpose: refresh weights only once the held version is this many seconds old")
+    lag_dist: str = setting(
+        "fixed", "'fixed', or 'lognormal': each refresh draws the lag from the paper's log-normal scaled so its "
+        "99.75%% quantile is the lag setting (0.25%% quantile: 1/32 of it)"
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -53,6 +61,10 @@ class SamplerConfig:
             raise ValueError("max_batch must be in 1..256")
         if ":" not in self.learner:
             raise ValueError(f"learner must be HOST:PORT, got {self.learner!r}")
+        self.lag_policy()  # validates the lag settings early
+
+    def lag_policy(self) -> LagPolicy:
+        return LagPolicy(versions=self.lag_versions, seconds=self.lag_seconds, dist=self.lag_dist, seed=self.seed)
 
 
 @dataclass
@@ -64,6 +76,8 @@ class SamplerStats:
     weight_bytes: int = 0
     tokens_generated: int = 0
     generate_seconds: float = 0.0
+    # Per refresh: (versions the learner was ahead, seconds the old version was held) when the refresh happened.
+    refresh_lags: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +123,8 @@ class Sampler:
         self.latest_version = 0
         self.outbox: list[pb.TrajectoryGroup] = []
         self._lock = threading.Lock()
+        self.lag = config.lag_policy()
+        self.held_since = time.monotonic()  # when the loaded version was loaded
 
     # -- session
 
@@ -139,18 +155,29 @@ class Sampler:
         with self._lock:
             self.latest_version = max(self.latest_version, version)
 
+    def _refresh_due(self, session: _Session) -> bool:
+        return self.lag.due(session.engine.version, self.held_since, self.latest_version, time.monotonic())
+
     def _sync_weights(self, session: _Session) -> None:
         engine = session.engine
         started = time.perf_counter()
+        held, behind, held_s = engine.version, self.latest_version - engine.version, time.monotonic() - self.held_since
         got = self.client.fetch_weights(session.sampler_id, have_version=engine.version)
         engine.load_weights(got.encoding, got.payload, got.version, got.base_version, got.weights_sha256)
         self.stats.versions_loaded += 1
         self.stats.weight_bytes += got.bytes_received
         self._note_version(got.version)
+        self.held_since = time.monotonic()
         kind = f"delta from v{got.base_version}" if got.base_version else "anchor"
+        lagged = ""
+        if self.lag.active and held:
+            # The lag that actually happened, not the setting: versions the learner was ahead, seconds held.
+            self.stats.refresh_lags.append((behind, held_s))
+            lagged = f"; held v{held} {held_s:.1f}s while the learner moved {behind} versions ahead"
+            self.lag.draw()
         self.log(
             f"loaded version {got.version} ({kind}, {got.bytes_received / 2**20:.1f} MiB, "
-            f"{time.perf_counter() - started:.1f}s)"
+            f"{time.perf_counter() - started:.1f}s{lagged})"
         )
 
     # -- work
@@ -226,7 +253,7 @@ class Sampler:
         session = self.session
         if self.outbox:
             self._flush(session)
-        if session.engine.version == 0 or self.latest_version > session.engine.version:
+        if self._refresh_due(session):
             self._sync_weights(session)
         reply = self.client.lease(session.sampler_id, self.config.max_batch)
         self._note_version(reply.current_version)

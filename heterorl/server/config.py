@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ class LearnerConfig:
     model: str = field("smollm2-135m", "'smollm2-135m', 'tiny', or a local Hugging Face causal-LM directory")
     task: str = field("arithmetic", "'arithmetic' or 'jsonl'")
     task_path: Path | None = field(None, "JSONL file with question/answer lines (task 'jsonl')")
+    task_options: str = field("", 'task options as a JSON object, e.g. \'{"low": 0, "high": 9}\' for arithmetic')
     reward: str | None = field(None, "reward function name or 'module:function' (default: the task's)")
     seed: int = field(0, "seed for the prompt stream, model init of 'tiny' and sampling on the learner")
     # RL settings
@@ -74,6 +76,19 @@ class LearnerConfig:
             if not ok:
                 raise ValueError(message)
         self.loss_config()  # validates the loss settings early
+        self.task_kwargs()
+
+    def task_kwargs(self) -> dict:
+        """Keyword options of the task: `task_options` (a JSON object) plus `task_path`."""
+        try:
+            options = json.loads(self.task_options) if self.task_options else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"task_options is not valid JSON: {err}") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"task_options must be a JSON object, got {self.task_options!r}")
+        if self.task_path is not None:
+            options["path"] = self.task_path
+        return options
 
     def loss_config(self) -> LossConfig:
         return LossConfig(

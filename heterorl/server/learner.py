@@ -92,8 +92,7 @@ class Learner:
         self.pad_id = self._pad_id()
         self.model_files = self._read_model_files()
 
-        task_options = {"path": config.task_path} if config.task_path is not None else {}
-        self.task = make_task(config.task, seed=config.seed, **task_options)
+        self.task = make_task(config.task, **{"seed": config.seed, **config.task_kwargs()})
         self.reward_name = config.reward or self.task.default_reward
         self.reward_fn = get_reward(self.reward_name)
         held_out = self.task.eval_problems()
