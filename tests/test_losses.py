@@ -731,3 +731,17 @@ def test_typical_batch_shape() -> None:
         (grad,) = torch.autograd.grad(out.loss, lp)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
         assert out.loss.shape == ()
+
+
+def test_weight_family_variances_are_logged_for_every_loss_and_match_each_losss_own_weight() -> None:
+    lp, blp, mask, rewards = random_batch(3)
+    outs = {name: policy_loss(lp, blp, mask, rewards, LossConfig(name=name)).metrics for name in LOSS_NAMES}
+    families = ("token_ratio_var", "seq_ratio_var", "group_weight_var")
+    for name in LOSS_NAMES:  # the same batch gives the same evidence whichever loss is trained
+        assert [outs[name][k] for k in families] == pytest.approx([outs["gepo"][k] for k in families])
+    assert outs["grpo"]["is_weight_var"] == pytest.approx(outs["grpo"]["token_ratio_var"])
+    assert outs["gspo"]["is_weight_var"] == pytest.approx(outs["gspo"]["seq_ratio_var"])
+    assert outs["gepo"]["is_weight_var"] == pytest.approx(outs["gepo"]["group_weight_var"])
+    on_policy = policy_loss(blp.clone(), blp, mask, rewards, LossConfig()).metrics
+    assert on_policy["token_ratio_var"] == 0.0 and on_policy["seq_ratio_var"] == 0.0
+    assert on_policy["group_weight_var"] > 0.0  # GEPO's weight is not 1 even on-policy

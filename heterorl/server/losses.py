@@ -46,6 +46,11 @@ METRIC_NAMES: tuple[str, ...] = (
     "adv_zero_frac",
     "seq_len_mean",
     "loss",
+    # The three weight families side by side, whichever loss is trained (the GEPO paper's theorem compares
+    # their variances as KL grows): per-token ratio π/μ (GRPO), sequence ratio p/q (GSPO), p/E_q[q] (GEPO).
+    "token_ratio_var",
+    "seq_ratio_var",
+    "group_weight_var",
 )
 # exp(60) ~ 1.1e26 is finite in float32 (whose exp overflows just above 88).
 LOG_RATIO_MAX = 60.0
@@ -227,6 +232,12 @@ def policy_loss(
     k3_mean = ((torch.exp(d) - d - 1.0) * maskf).sum() / n_tokens.clamp(min=1.0)
     loss = policy + cfg.beta_k3 * k3_mean if cfg.beta_k3 > 0 else policy
 
+    with torch.no_grad():
+        family_vars = (
+            _masked_var(torch.exp((lp - blp).clamp(max=LOG_RATIO_MAX)), mask),
+            _masked_var(torch.exp((s - s_hat).clamp(max=LOG_RATIO_MAX)), valid),
+            _masked_var(torch.exp((s - gepo_log_denominator(s_hat, valid).unsqueeze(-1)).clamp(max=LOG_RATIO_MAX)), valid),
+        )
     metrics = _metrics(
         loss=loss,
         weight=weight,
@@ -238,7 +249,14 @@ def policy_loss(
         rewards=rewards,
         lengths=lengths,
     )
+    metrics.update(zip(METRIC_NAMES[-3:], family_vars))
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def _masked_var(values: Tensor, mask: Tensor) -> float:
+    """Population variance (float64) of `values` where `mask` holds; 0 when nothing is valid."""
+    picked = values.detach().to(torch.float64)[mask.expand_as(values)]
+    return float(picked.var(correction=0)) if picked.numel() else 0.0
 
 
 def _clipped_objective(
@@ -300,7 +318,7 @@ def _metrics(
             loss.detach().to(f64).cpu(),
         ]
     ).tolist()
-    return dict(zip(METRIC_NAMES, values))
+    return dict(zip(METRIC_NAMES, values))  # the last three names are filled in by `policy_loss`
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
