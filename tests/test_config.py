@@ -44,3 +44,10 @@ def test_sampler_config_validation():
     with pytest.raises(ValueError, match="max_batch"):
         SamplerConfig(max_batch=0)
     assert SamplerConfig().name  # a default name is made up from host and pid
+
+
+def test_a_bare_boolean_flag_means_true_and_a_value_still_parses():
+    assert parse_config(["--insecure"]).insecure is True
+    assert parse_config(["--insecure", "false"]).insecure is False
+    assert parse_config(["--insecure", "--lr", "0.5"]).lr == 0.5
+    assert parse_config([]).insecure is False

@@ -377,8 +377,9 @@ def test_cut_transfers_resume_bit_exact_from_the_last_verified_chunk(served, hav
             rows.append((points, "rst" if abrupt else "fin", offsets[1:], wire - clean_wire))
     print(f"\n{have}->{want or 'newest'}: payload {total} B, wire {clean_wire} B uncut; "
           f"(cut at wire byte, how, resumed at payload offsets, extra wire bytes): {rows}")
-    if have == 0:  # resumed, not restarted: far less re-sent than restarting at every cut would cost
-        assert sum(r[3] for r in rows) < sum(sum(r[0]) for r in rows) / 2
+    # Resumed, not restarted, is asserted above from the client's side: a restart would deliver the verified
+    # bytes again and push bytes_received past the one-chunk-per-cut bound. The extra wire bytes printed here
+    # depend on how much gRPC had buffered when the link died (load-dependent), so they are reported, not bounded.
 
 
 def test_dropped_streams_resume_exactly_where_the_verified_bytes_end(served, tamper):

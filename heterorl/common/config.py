@@ -61,6 +61,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
+        # A bare boolean flag (`--insecure`) means true; `--insecure false` still reads a value.
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if kind is bool else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -68,6 +70,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             default=None,
             metavar=kind.__name__.upper(),
             help=f"{f.metadata.get('help', '')} (default: {default})",
+            **extra,
         )
 
 
