@@ -66,6 +66,11 @@ class RunResult:
         return self.evals[-1][1] if self.evals else math.nan
 
     @property
+    def mean_score(self) -> float:
+        """Mean held-out score over the evaluations after step 0: rewards learning early, not only peaking."""
+        return statistics.fmean(a for _, a in self.evals[1:]) if len(self.evals) > 1 else math.nan
+
+    @property
     def start(self) -> float:
         return self.evals[0][1] if self.evals else math.nan
 
@@ -195,7 +200,7 @@ def summarize(results: list[RunResult], losses: list[str], lags: list[int]) -> t
                 "loss": loss, "lag": lag, "seeds": len(runs),
                 "start": _mean([r.start for r in runs]), "best": best,
                 "best_sd": statistics.stdev([r.best for r in runs]) if len(runs) > 1 else 0.0,
-                "last": _mean([r.last for r in runs]), "gap": gap,
+                "last": _mean([r.last for r in runs]), "gap": gap, "mean": _mean([r.mean_score for r in runs]),
                 "stale_p50": _mean([q[0] for q in quantiles]), "stale_p90": _mean([q[1] for q in quantiles]),
                 "stale_max": max(q[2] for q in quantiles),
                 "kl_k3": _mean([r.mean_of("kl_k3") for r in runs]),
@@ -208,8 +213,9 @@ def summarize(results: list[RunResult], losses: list[str], lags: list[int]) -> t
                 "wall_s": sum(r.wall_s for r in runs),
             })
     for row in rows:
-        base = best_at.get((row["loss"], lags[0]), math.nan)
-        row["drop"] = base - row["best"]
+        base = next((r for r in rows if r["loss"] == row["loss"] and r["lag"] == lags[0]), None)
+        row["drop"] = base["best"] - row["best"] if base else math.nan
+        row["mean_drop"] = base["mean"] - row["mean"] if base else math.nan
     top = lags[-1]
     figures = {}
     for loss in ("gepo", "gspo", "grpo"):
@@ -223,13 +229,15 @@ def summarize(results: list[RunResult], losses: list[str], lags: list[int]) -> t
 
 COLUMNS = [("loss", "{:<8}"), ("lag", "{:>4}"), ("seeds", "{:>5}"), ("start", "{:>6.3f}"), ("best", "{:>6.3f}"),
            ("best_sd", "{:>7.3f}"), ("last", "{:>6.3f}"), ("gap", "{:>6.3f}"), ("drop", "{:>6.3f}"),
+           ("mean", "{:>6.3f}"), ("mean_drop", "{:>9.3f}"),
            ("stale_p50", "{:>9.1f}"), ("stale_p90", "{:>9.1f}"), ("stale_max", "{:>9.0f}"), ("kl_k3", "{:>9.3g}"),
            ("is_var", "{:>9.3g}"), ("is_max", "{:>8.3g}"), ("tok_var", "{:>9.3g}"), ("seq_var", "{:>9.3g}"),
            ("grp_var", "{:>9.3g}"), ("clip", "{:>6.3f}"), ("wall_s", "{:>7.0f}")]
 # Column meanings, printed under the table.
 LEGEND = (
     "start/best/last: held-out greedy accuracy at step 0 / best after step 0 / at the end (mean over seeds); "
-    "gap = best - last; drop = best at the first lag - best at this lag; stale_*: versions between a group's "
+    "gap = best - last; drop = best at the first lag - best at this lag; mean: mean score over the evaluations "
+    "after step 0 (learning speed counts), mean_drop: its drop from the first lag; stale_*: versions between a group's "
     "generation and its training step (what actually happened); kl_k3: mean per-token k3 KL(behaviour||current); "
     "is_var/is_max: variance/max of the trained loss's own importance weight; tok_var/seq_var/grp_var: variance of "
     "the per-token ratio (GRPO), the sequence ratio p/q (GSPO) and p/E_q[q] (GEPO), logged for every loss; "
@@ -308,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output prefix (default benchmarks/results/staleness-<model>)")
     parser.add_argument("--work", type=Path, default=None, help="directory for run dirs (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    parser.add_argument("--from-json", type=Path, default=None, help="re-print the table and redraw the PNG of a saved run")
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so each run's `finally` stops its learner and sampler.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
+    if args.from_json is not None:
+        return render(json.loads(args.from_json.read_text()), args.out or args.from_json.with_suffix(""))
     if args.quick:
         losses, lags, seeds = ["gepo", "grpo"], [0, 8], [0]
         steps = args.steps or 30
@@ -352,16 +363,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
+    report = {"model": args.model, "losses": losses, "lags": lags, "seeds": seeds, "steps": steps, "wall_s": wall,
+              "runs": [asdict(r) for r in results]}
+    out.with_suffix(".json").write_text(json.dumps(_rounded(report)))
+    return render(report, out)
+
+
+def _rounded(value: object) -> object:
+    """Floats to 5 significant digits: the saved report stays small enough to commit."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def render(report: dict, out: Path) -> int:
+    """Table, legend, PNG and RESULT line of a grid's report (fresh or loaded from its JSON)."""
+    results = [RunResult(**{**r, "evals": [tuple(e) for e in r["evals"]]}) for r in report["runs"]]
+    losses, lags, seeds = report["losses"], report["lags"], report["seeds"]
     rows, figures = summarize(results, losses, lags)
     print()
     print(format_table(rows))
     print(LEGEND)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"model": args.model, "losses": losses, "lags": lags, "seeds": seeds, "steps": steps, "wall_s": wall,
-         "rows": rows, "runs": [asdict(r) for r in results]}, indent=1))
-    title = (f"heterorl staleness: model {args.model}, {steps} steps/run, seeds {seeds}; sampler lag in versions")
+    title = (f"heterorl staleness: model {report['model']}, {report['steps']} steps/run, seeds {seeds}; "
+             "sampler lag in versions")
     plot(results, losses, lags, out.with_suffix(".png"), title)
-    print(f"\nseeds {seeds}; wall {wall / 60:.1f} min; wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"\nseeds {seeds}; wall {report['wall_s'] / 60:.1f} min; wrote {out.with_suffix('.json')} and "
+          f"{out.with_suffix('.png')}")
     print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
     return 0
 
