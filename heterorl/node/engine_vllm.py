@@ -8,9 +8,11 @@ Why it is built this way:
   qkv / gate_up projections, the oneDNN repacking of linear weights on CPU), which a plain
   ``model.load_weights`` skips. The prefix cache is reset afterwards so no KV computed with old weights is reused.
 * One bf16 copy of the version. The codec applies an anchor or a delta in place to ``params`` (the published
-  bf16 tensors, HF checkpoint names), the digest is checked, and only then are the tensors pushed into vLLM,
-  which keeps its own weights in its compute dtype. Pushing converts one layer at a time; nothing else holds a
-  full copy. A rejected payload never reaches vLLM; the engine reports version 0 until a good anchor arrives.
+  bf16 tensors, HF checkpoint names); then the digest is computed in a second thread while the changed layers
+  are pushed into vLLM, which keeps its own weights in its compute dtype. Pushing converts one layer at a time;
+  nothing else holds a full copy. The engine reports version 0 (and refuses to generate) from the start of an
+  update until the digest matches; a payload the codec rejects never reaches vLLM, and after a digest mismatch
+  only an anchor (which replaces every weight) brings the engine back.
 * Log-probs are vLLM's ``processed_logprobs``: after temperature and top-k/top-p, renormalized over the kept
   tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine` for the exact rule the
   learner recomputes).
@@ -28,6 +30,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,16 +71,21 @@ class VLLMOptions:
 
 @dataclass(frozen=True)
 class ApplyTiming:
-    """Where the time of the last weight update went (seconds)."""
+    """Where the time of the last weight update went (seconds). Verify and push run at the same time, so
+    `total_s` (the wall time of the whole update) is about decode_s + max(verify_s, push_s), not the sum."""
 
     decode_s: float  # codec: validate the payload and apply it to the bf16 copy
-    verify_s: float  # sha256 of the whole version
+    verify_s: float  # sha256 of the whole version (in a second thread, beside the push)
     push_s: float  # hand the tensors to vLLM (its per-layer processing included) and reset the prefix cache
+    total_s: float  # wall time from the payload to an engine that generates with the new version
     tensors_pushed: int
 
-    @property
-    def total_s(self) -> float:
-        return self.decode_s + self.verify_s + self.push_s
+
+class _ErrorsOnly(logging.Filter):
+    """Drops a logger's records below ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def _prepare_process_env() -> None:
@@ -110,9 +118,12 @@ class VLLMEngine:
         from vllm import LLM  # imported late: it takes seconds and needs the environment above
 
         # A partial update leaves some layers unloaded on purpose (unchanged ones, the tied lm_head, rotary
-        # tables); vLLM warns about each on every update. Failures that matter surface as exceptions.
+        # tables); vLLM warns about each on every update. Failures that matter surface as exceptions. A filter,
+        # not a level: vLLM's engine core re-runs its logging set-up, which resets the levels of its loggers.
         for module in ("layerwise", "inplace"):
-            logging.getLogger(f"vllm.model_executor.model_loader.reload.{module}").setLevel(logging.ERROR)
+            reload_logger = logging.getLogger(f"vllm.model_executor.model_loader.reload.{module}")
+            if not any(isinstance(f, _ErrorsOnly) for f in reload_logger.filters):
+                reload_logger.addFilter(_ErrorsOnly())
 
         model_dir = Path(model_dir)
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -128,6 +139,7 @@ class VLLMEngine:
         self.version = 0  # 0: no verified weights yet; never generate then
         self.last_apply: ApplyTiming | None = None
         self._lock = threading.Lock()
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-digest")
 
         opts = self.options
         on_cpu = _vllm_on_cpu()
@@ -159,11 +171,15 @@ class VLLMEngine:
         return self._vocab_size
 
     def close(self) -> None:
-        """Release the engine's memory now rather than when it is garbage collected."""
+        """Release the engine core and its KV cache now (about 2 GB on CPU), e.g. before the sampler starts an
+        engine for another model; the engine generates no more. Safe to call twice."""
         llm = getattr(self, "_llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            self._llm = None
+            with self._lock:
+                self.version = 0
+                self._llm = None
+                llm.llm_engine.engine_core.shutdown()
+                self._hasher.shutdown(wait=True)
 
     def _warm_up(self) -> None:
         """One tiny generation: vLLM compiles its log-prob gather on first use, and an unsupported model or
@@ -175,31 +191,42 @@ class VLLMEngine:
     @torch.no_grad()
     def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
                      weights_sha256: str) -> None:
-        """Apply a payload to the bf16 copy, verify its hash, then replace vLLM's weights in place."""
+        """Apply a payload to the bf16 copy, then verify its hash while replacing vLLM's weights in place.
+
+        The sha256 of the whole version (0.3-0.4 GB/s on a CPU without SHA extensions) is the longest part of
+        an update, and hashlib releases the GIL, so it runs in a second thread while vLLM takes the new weights.
+        vLLM may thus briefly hold weights that fail the hash, but it never generates with them: the version
+        stays 0 (generate refuses) until the hash matches, and after a mismatch only an anchor, which replaces
+        every weight, makes the engine usable again. A payload the codec rejects changes nothing at all.
+        """
         with self._lock:
+            if self._llm is None:
+                raise RuntimeError("the vLLM engine is closed")
             if encoding == ENCODING_DELTA and base_version != self.version:
                 raise WeightsCorrupt(f"delta from v{base_version} cannot apply to v{self.version}")
             self.version = 0  # until the hash says otherwise (and vLLM holds them), not a published version
             started = time.perf_counter()
             try:
-                if encoding == ENCODING_DELTA:  # a delta is small: reading its table of contents costs little
-                    info = codec.inspect(memoryview(payload))
-                    same = {n for n, t in info.tensors.items() if t.method == codec.SAME}
-                else:
-                    same = set()
-                codec.apply_(memoryview(payload), self.params)
+                codec.apply_(memoryview(payload), self.params)  # validates everything before changing anything
             except ValueError as err:
                 raise WeightsCorrupt(f"version {version} payload rejected by the codec: {err}") from err
             decoded = time.perf_counter()
-            if codec.digest(self.params, dtype=VERSION_DTYPE) != weights_sha256:
+            hashing = self._hasher.submit(_timed_digest, self.params)
+            try:
+                # Which tensors the payload left alone; read here, beside the hash (a delta's table is small).
+                same = ({n for n, t in codec.inspect(memoryview(payload)).tensors.items() if t.method == codec.SAME}
+                        if encoding == ENCODING_DELTA else set())
+                changed = {self._groups[n] for n in self.params if n not in same}
+                names = [n for n in self.params if self._groups[n] in changed]
+                if names:
+                    self._push(names)
+                pushed = time.perf_counter()
+            finally:
+                digest, verify_s = hashing.result()  # never leave the hash reading tensors a later update writes
+            if digest != weights_sha256:
                 raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published")
-            verified = time.perf_counter()
-            changed = {self._groups[n] for n in self.params if n not in same}
-            names = [n for n in self.params if self._groups[n] in changed]
-            if names:
-                self._push(names)
-            self.last_apply = ApplyTiming(decoded - started, verified - decoded, time.perf_counter() - verified,
-                                          len(names))
+            self.last_apply = ApplyTiming(decoded - started, verify_s, pushed - decoded,
+                                          time.perf_counter() - started, len(names))
             self.version = version
 
     def _push(self, names: list[str]) -> None:
@@ -218,6 +245,8 @@ class VLLMEngine:
                  sampling: SamplingSettings) -> list[list[GeneratedCompletion]]:
         """group_size completions for each prompt, all from the current version, in one vLLM call."""
         with self._lock:
+            if self._llm is None:
+                raise RuntimeError("the vLLM engine is closed")
             if self.version == 0:
                 raise RuntimeError("no verified weights loaded")
             return self._generate_raw(prompts, group_size, sampling)
@@ -262,6 +291,11 @@ class VLLMEngine:
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def _timed_digest(params: dict[str, torch.Tensor]) -> tuple[str, float]:
+    started = time.perf_counter()
+    return codec.digest(params, dtype=VERSION_DTYPE), time.perf_counter() - started
 
 
 def _refresh_tied_layers(worker) -> int:
