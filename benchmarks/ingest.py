@@ -4,9 +4,12 @@ A real learner (tiny model, no training loop, so only the ingest path is measure
 client processes lease prompts and stream valid groups (G completions of T tokens with log-probs) back through
 SubmitTrajectories. Every group goes through the full path: validation, lease check, re-scoring, storage.
 
-    python benchmarks/ingest.py [--clients 2] [--seconds 10] [--group-size 8] [--tokens 16]
+    python benchmarks/ingest.py [--clients 2] [--seconds 10] [--group-size 8] [--tokens 16] [--auth]
 
-Ends with `RESULT groups_per_s=... completions_per_s=... mb_per_s=...`.
+Ends with `RESULT groups_per_s=... completions_per_s=... mb_per_s=...`. With `--auth` the same load runs against a
+plain learner (no tokens, no TLS, no rate limits) and a secured one (a token per client checked on every call,
+TLS, per-sampler rate limits on but set high enough not to bind), alternating `--rounds` times, and the RESULT line
+gives both medians and the cost. Validation of every field is part of both: it cannot be switched off.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -22,14 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def client(target: str, seconds: float, group_size: int, tokens: int, vocab: int, batch: int, out) -> None:
-    import grpc
-
+def client(target: str, seconds: float, group_size: int, tokens: int, vocab: int, batch: int, out,
+           token: str = "", tls_ca: bytes | None = None) -> None:
+    from heterorl.node.client import ClientSecurity, open_channel
     from heterorl.v1 import learner_pb2 as pb
     from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target)
-    stub = pb_grpc.LearnerStub(channel)
+    channel, calls = open_channel(target, ClientSecurity(token=token, tls_ca=tls_ca, tls=tls_ca is not None))
+    stub = pb_grpc.LearnerStub(calls)
     sid = stub.Register(pb.RegisterRequest(name="bench", engine="transformers", device="cpu", max_batch=batch)).sampler_id
     rng = random.Random(0)
     completions = [
@@ -55,6 +59,54 @@ def client(target: str, seconds: float, group_size: int, tokens: int, vocab: int
     channel.close()
 
 
+def measure(args, tmp: Path, secured: bool) -> dict:
+    """One learner, `args.clients` client processes for `args.seconds`; the accepted groups per second."""
+    from heterorl.server import auth
+    from heterorl.server.config import LearnerConfig
+    from heterorl.server.learner import Learner
+    from heterorl.server.service import build_server
+
+    run_dir = Path(tempfile.mkdtemp(dir=tmp))
+    security: dict = dict(rate_calls_per_s=0, rate_groups_per_s=0)
+    client_tokens = [""] * args.clients
+    ca = None
+    if secured:
+        pki = auth.write_pki(tmp / "pki") if not (tmp / "pki" / "ca.pem").exists() else auth.Pki(
+            *(tmp / "pki" / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))
+        tokens_file = run_dir / "tokens"
+        client_tokens = [auth.append_token(tokens_file, f"bench-{i}") for i in range(args.clients)]
+        ca = pki.ca.read_bytes()
+        security = dict(tokens_file=tokens_file, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                        rate_calls_per_s=1e6, rate_calls_burst=1e6, rate_groups_per_s=1e6, rate_groups_burst=1e6)
+    config = LearnerConfig(
+        port=0, run_dir=run_dir, model="tiny", reward="last_number", group_size=args.group_size,
+        max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600, **security,
+    )
+    learner = Learner(config, log=lambda _m: None)
+    server, port = build_server(learner, "127.0.0.1", 0)
+    server.start()
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=client, args=(f"127.0.0.1:{port}", args.seconds, args.group_size, args.tokens,
+                                         learner.vocab_size, args.batch, out, client_tokens[i], ca))
+        for i in range(args.clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=args.seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    # Measured over the span in which clients were sending, not their start-up.
+    elapsed = max(r[3] for r in results) - min(r[2] for r in results)
+    server.stop(0)
+    stored = len(learner.store)
+    accepted = sum(r[0] for r in results)
+    assert stored == accepted, f"stored {stored} != acknowledged {accepted}"
+    return {"accepted": accepted, "elapsed": elapsed, "groups_per_s": accepted / elapsed,
+            "mb_per_s": sum(r[1] for r in results) / 1e6 / elapsed}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=2)
@@ -62,43 +114,29 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16, help="groups per lease request and per stream")
+    parser.add_argument("--auth", action="store_true", help="plain against secured (tokens, TLS, rate limits)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --auth: alternations of the two learners")
     args = parser.parse_args()
 
-    from heterorl.server.config import LearnerConfig
-    from heterorl.server.learner import Learner
-    from heterorl.server.service import build_server
-
+    print(f"clients {args.clients}, G={args.group_size}, {args.tokens} tokens/completion, {args.seconds:.0f}s "
+          "of sending per measurement; every acknowledged group stored exactly once")
     with tempfile.TemporaryDirectory() as tmp:
-        config = LearnerConfig(
-            port=0, run_dir=Path(tmp), model="tiny", reward="last_number", group_size=args.group_size,
-            max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600,
-        )
-        learner = Learner(config, log=lambda _m: None)
-        server, port = build_server(learner, "127.0.0.1", 0)
-        server.start()
-        ctx = mp.get_context("spawn")
-        out = ctx.Queue()
-        procs = [
-            ctx.Process(target=client, args=(f"127.0.0.1:{port}", args.seconds, args.group_size, args.tokens,
-                                             learner.vocab_size, args.batch, out))
-            for _ in range(args.clients)
-        ]
-        for p in procs:
-            p.start()
-        results = [out.get(timeout=args.seconds + 120) for _ in procs]
-        for p in procs:
-            p.join()
-        # Measured over the span in which clients were sending, not their start-up.
-        elapsed = max(r[3] for r in results) - min(r[2] for r in results)
-        server.stop(0)
-        stored = len(learner.store)
-    accepted = sum(r[0] for r in results)
-    mb = sum(r[1] for r in results) / 1e6
-    assert stored == accepted, f"stored {stored} != acknowledged {accepted}"
-    print(f"clients {args.clients}, G={args.group_size}, {args.tokens} tokens/completion, {elapsed:.1f}s of sending")
-    print(f"accepted groups: {accepted} ({accepted / elapsed:.0f}/s), all stored exactly once")
-    print(f"RESULT groups_per_s={accepted / elapsed:.0f} completions_per_s={accepted * args.group_size / elapsed:.0f} "
-          f"mb_per_s={mb / elapsed:.2f}")
+        if not args.auth:
+            r = measure(args, Path(tmp), secured=False)
+            print(f"accepted groups: {r['accepted']} ({r['groups_per_s']:.0f}/s)")
+            print(f"RESULT groups_per_s={r['groups_per_s']:.0f} "
+                  f"completions_per_s={r['groups_per_s'] * args.group_size:.0f} mb_per_s={r['mb_per_s']:.2f}")
+            return 0
+        rates: dict[str, list[float]] = {"plain": [], "secured": []}
+        for round_ in range(args.rounds):
+            for mode in ("plain", "secured") if round_ % 2 == 0 else ("secured", "plain"):
+                r = measure(args, Path(tmp), secured=mode == "secured")
+                rates[mode].append(r["groups_per_s"])
+                print(f"round {round_ + 1} {mode:<8} {r['accepted']:>6} groups  {r['groups_per_s']:7.0f}/s")
+    plain, secured = statistics.median(rates["plain"]), statistics.median(rates["secured"])
+    print(f"median accepted groups/s: plain {plain:.0f}, secured {secured:.0f} ({secured / plain:.2f}x)")
+    print(f"RESULT groups_per_s_plain={plain:.0f} groups_per_s_secured={secured:.0f} "
+          f"secured_cost_pct={100 * (1 - secured / plain):.1f}")
     return 0
 
 

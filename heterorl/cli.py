@@ -15,12 +15,19 @@ from pathlib import Path
 import grpc
 
 
-def fetch_status(target: str, timeout: float = 5.0):
+def fetch_status(target: str, timeout: float = 5.0, security=None):
+    """The learner's StatusReply; `security` (a ClientSecurity) when it wants a token or TLS."""
+    from heterorl.node.client import ClientSecurity, open_channel
     from heterorl.v1 import learner_pb2 as pb
     from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(target) as channel:
-        return pb_grpc.LearnerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+    channel, calls = open_channel(target, security or ClientSecurity())
+    with channel:
+        return pb_grpc.LearnerStub(calls).Status(pb.StatusRequest(), timeout=timeout)
+
+
+def _reasons(counts) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def format_status(s) -> str:
@@ -39,13 +46,30 @@ def format_status(s) -> str:
             f"  {x.sampler_id:<20} {x.name[:24]:<24} {x.engine:<12} {x.version:>7} {x.groups_leased:>7} "
             f"{x.groups_accepted:>8} {x.groups_rejected:>7}  {x.last_seen_s_ago:.0f}s ago"
             + ("" if x.alive else " (gone)")
+            + (" QUARANTINED" if x.quarantined else "")
         )
+        if x.logprob_checked:
+            lines.append(f"  {'':<20} log-probs checked in {x.logprob_checked} groups: {x.logprob_mismatched} "
+                         f"mismatched, mean |diff| {x.logprob_mean_diff:.2g} nats/token")
+        if x.rejections:
+            lines.append(f"  {'':<20} refused: {_reasons(x.rejections)}")
+    if s.security:
+        lines.append(f"security: {s.security}")
+    if s.rejections:
+        lines.append(f"refused requests by reason (all callers): {_reasons(s.rejections)}")
     return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from heterorl.node.client import ClientSecurity
+
     try:
-        s = fetch_status(args.learner)
+        security = ClientSecurity.load(args.token_file, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except ValueError as err:
+        print(f"heterorl status: {err}", file=sys.stderr)
+        return 2
+    try:
+        s = fetch_status(args.learner, security=security)
     except grpc.RpcError as err:
         print(f"heterorl status: learner at {args.learner} did not answer: {err.code().name} {err.details()}",
               file=sys.stderr)
@@ -122,7 +146,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{args.steps} steps; logs and results in {run_dir}/", flush=True)
     from heterorl.common.model import resolve_model
 
+    from heterorl.node.engine import default_engine
+
     resolve_model(args.model)  # convert/cache the model once, before the processes race to do it
+    engine = args.sampler_engine or default_engine()
     py = sys.executable
     learner_argv = [
         py, "-m", "heterorl.server.main", "--host", "127.0.0.1", "--port", "0", "--run-dir", str(run_dir),
@@ -146,10 +173,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sampler_argv = [
                 py, "-m", "heterorl.node.main", "--learner", target, "--name", f"demo-sampler-{i + 1}",
                 "--seed", str(args.seed * 1000 + i + 1), "--threads", str(args.sampler_threads),
-                "--max-batch", str(args.sampler_batch),
+                "--max-batch", str(args.sampler_batch), "--engine", engine,
             ]
             children.append(_spawn(f"sampler-{i + 1}", sampler_argv, run_dir / f"sampler-{i + 1}.log"))
-        print(f"learner on {target}; {args.samplers} samplers started. `heterorl status --learner {target}` "
+        print(f"learner on {target}; {args.samplers} samplers started ({engine} engine). `heterorl status --learner {target}` "
               "shows the same from another shell.", flush=True)
         last_printed, last_step = 0.0, -1
         while children[0].proc.poll() is None:
@@ -213,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="print a learner's version, step and samplers")
     p.add_argument("--learner", default="127.0.0.1:50051", help="HOST:PORT of the learner")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file with a token the learner knows (default: the HETERORL_TOKEN environment variable)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the learner's certificate (turns TLS on)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
+    p.add_argument("--tls-server-name", default="", help="name on the learner's certificate, if not the host dialled")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="train the default model with a local learner and samplers")
@@ -225,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learner-threads", type=int, default=2)
     p.add_argument("--sampler-threads", type=int, default=1)
     p.add_argument("--sampler-batch", type=int, default=2, help="prompt groups per sampler batch")
+    p.add_argument("--sampler-engine", default=None,
+                   help="samplers' generation engine: vllm or transformers (default: vllm where it is installed)")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after --")
     p.set_defaults(func=cmd_demo)

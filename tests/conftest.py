@@ -47,6 +47,16 @@ def tiny_learner_args(run_dir: Path, **overrides) -> list[str]:
     return [item for k, v in settings.items() for item in (f"--{k}", str(v))]
 
 
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint: hand-built wire bytes for tests that send what a real client would not."""
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
 class Processes:
     """Start real daemons as subprocesses; kill whatever is left when the test ends."""
 
@@ -78,8 +88,10 @@ class Processes:
         return proc, f"127.0.0.1:{json.loads(address.read_text())['port']}"
 
     def sampler(self, name: str, target: str, *extra: str) -> subprocess.Popen:
+        """A sampler on the transformers engine (it starts in a second; vLLM, the default where installed, takes
+        tens); pass `"--engine", "vllm"` in `extra` for the other (the last flag wins)."""
         return self.start(name, "heterorl.node.main", ["--learner", target, "--name", name, "--threads", "1",
-                                                         "--heartbeat-s", "1", *extra])
+                                                         "--heartbeat-s", "1", "--engine", "transformers", *extra])
 
     def stop_all(self) -> None:
         for proc in self.procs:

@@ -1,21 +1,28 @@
 """The sampler's side of the wire: retries with backoff, resumable verified weight downloads.
 
 Samplers run on flaky links, so every call that fails with a transient status (the learner is restarting, the
-link dropped) is retried with exponential backoff and jitter; calls the learner refused on purpose are not.
+link dropped, a rate limit) is retried with exponential backoff and jitter; calls the learner refused on purpose
+are not. Credentials (`ClientSecurity`): a token sent as `authorization: Bearer <token>` metadata on every call,
+and TLS (optionally with a client certificate for mutual TLS). A refused credential is not retried: it raises
+`AuthenticationFailed`.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import os
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
 
 import grpc
 
 from heterorl.common.weights import ENCODINGS, WeightsCorrupt
+from heterorl.server.auth import METADATA_KEY, token_from_text  # the token format both sides share
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
@@ -27,8 +34,111 @@ TRANSIENT = frozenset(
 T = TypeVar("T")
 
 
+TOKEN_ENV = "HETERORL_TOKEN"
+
+
 class Stopped(Exception):
     """The sampler was asked to stop while waiting for the learner."""
+
+
+class AuthenticationFailed(Exception):
+    """The learner refused this client's credentials (UNAUTHENTICATED): retrying cannot help."""
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client proves itself to the learner and verifies it. Empty: plaintext, no token (loopback runs)."""
+
+    token: str = field(default="", repr=False)
+    tls_ca: bytes | None = field(default=None, repr=False)      # PEM roots; None with tls=True: system roots
+    tls_cert: bytes | None = field(default=None, repr=False)    # client certificate chain (mutual TLS)
+    tls_key: bytes | None = field(default=None, repr=False)
+    tls: bool = False
+    server_name: str = ""  # the name the learner's certificate must carry, when it is not the dialled host
+
+    @classmethod
+    def load(cls, token_file: Path | None = None, tls_ca: Path | None = None, tls_cert: Path | None = None,
+             tls_key: Path | None = None, server_name: str = "",
+             env: Mapping[str, str] = os.environ) -> "ClientSecurity":
+        """Token from `token_file`, else the HETERORL_TOKEN environment variable; TLS on when any TLS file is given."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("a client certificate and its key go together: give --tls-cert and --tls-key")
+        if token_file is not None:
+            text = _read(token_file, "token file").decode(errors="replace")
+            token = token_from_text(text, f"token file {token_file}")
+        elif env.get(TOKEN_ENV, "").strip():
+            token = token_from_text(env[TOKEN_ENV], f"the {TOKEN_ENV} environment variable")
+        else:
+            token = ""
+        tls = any(p is not None for p in (tls_ca, tls_cert)) or bool(server_name)
+        return cls(token=token, tls_ca=_read(tls_ca, "CA certificate"), tls_cert=_read(tls_cert, "client certificate"),
+                   tls_key=_read(tls_key, "client key"), tls=tls, server_name=server_name)
+
+    def describe(self) -> str:
+        parts = (["mutual TLS" if self.tls_cert else "TLS"] if self.tls else ["plaintext"])
+        return ", ".join(parts + (["token"] if self.token else []))
+
+
+class _TokenMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (call credentials would need TLS; this works on both)."""
+
+    def __init__(self, token: str):
+        self._metadata = ((METADATA_KEY, f"Bearer {token}"),)
+
+    def _details(self, details):
+        return _CallDetails(details.method, details.timeout, tuple(details.metadata or ()) + self._metadata,
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+def open_channel(target: str, security: ClientSecurity, options: list[tuple[str, object]] | None = None
+                 ) -> tuple[grpc.Channel, grpc.Channel]:
+    """(raw channel, channel for calls): TLS when asked, the token added to every call when there is one."""
+    options = list(options or [])
+    if security.tls:
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=security.tls_ca, private_key=security.tls_key, certificate_chain=security.tls_cert
+        )
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    calls = grpc.intercept_channel(channel, _TokenMetadata(security.token)) if security.token else channel
+    return channel, calls
+
+
+def _refused_credentials(err: grpc.RpcError) -> bool:
+    return isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @dataclass(frozen=True)
@@ -67,13 +177,15 @@ class DownloadedWeights:
 
 class LearnerClient:
     def __init__(self, target: str, retry: RetryPolicy = RetryPolicy(), log: Callable[[str], None] = print,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, security: ClientSecurity = ClientSecurity()):
         self.target = target
         self.retry = retry
         self.log = log
         self.stop = stop or threading.Event()  # set: waiting between retries ends with Stopped
-        self.channel = grpc.insecure_channel(
+        self.security = security
+        self.channel, calls = open_channel(
             target,
+            security,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -86,7 +198,7 @@ class LearnerClient:
                 ("grpc.max_reconnect_backoff_ms", int(retry.max_s * 1000)),
             ],
         )
-        self.stub = pb_grpc.LearnerStub(self.channel)
+        self.stub = pb_grpc.LearnerStub(calls)
 
     def close(self) -> None:
         self.channel.close()
@@ -99,15 +211,21 @@ class LearnerClient:
             try:
                 return fn()
             except grpc.RpcError as err:
+                if _refused_credentials(err):
+                    raise AuthenticationFailed(
+                        f"{what}: the learner at {self.target} refused: {err.details()}") from None
                 if not is_transient(err):
                     raise
                 attempt += 1
                 delay = next(delays, None)
                 if delay is None:
                     raise
-                code = err.code().name if isinstance(err, grpc.Call) else "error"
                 if attempt == 1 or attempt % 10 == 0:
-                    self.log(f"{what}: learner at {self.target} unreachable ({code}); retrying (attempt {attempt})")
+                    if isinstance(err, grpc.Call):
+                        why = f"{err.code().name}: {(err.details() or '')[:300]}"
+                    else:
+                        why = "not connected" + (" (TLS handshake?)" if self.security.tls else "")
+                    self.log(f"{what}: learner at {self.target} unreachable ({why}); retrying (attempt {attempt})")
                 if self.stop.wait(delay):
                     raise Stopped()
 
@@ -150,6 +268,8 @@ class LearnerClient:
             for ack in self.stub.SubmitTrajectories(iter(groups), timeout=120):
                 acks.append(ack)
         except grpc.RpcError as err:
+            if _refused_credentials(err):
+                raise AuthenticationFailed(f"submit: the learner at {self.target} refused: {err.details()}") from None
             err.acks = acks  # type: ignore[attr-defined]
             raise
         return acks
@@ -206,6 +326,9 @@ class LearnerClient:
                     self.log(f"weights v{meta.version} no longer held; fetching the newest instead")
                     meta, payload, offset, want_version = None, None, 0, 0
                     continue
+                if _refused_credentials(err):
+                    raise AuthenticationFailed(
+                        f"weights: the learner at {self.target} refused: {err.details()}") from None
                 if not is_transient(err):
                     raise
                 reconnects += 1

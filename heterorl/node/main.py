@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     import torch
 
+    from heterorl.node.client import AuthenticationFailed
     from heterorl.node.sampler import Sampler
 
     if config.threads:
@@ -37,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stats = Sampler(config, stop, log=log).run()
+    try:
+        sampler = Sampler(config, stop, log=log)
+    except ValueError as err:  # an unreadable or malformed token, certificate or key file
+        print(f"heterorl-sampler: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        stats = sampler.run()
+    except AuthenticationFailed as err:
+        log(f"stopping: {err}. Check --token-file / HETERORL_TOKEN against the learner's --tokens-file.")
+        return 3
     log(
         f"stopped: {stats.groups_acked} groups acknowledged, {stats.groups_refused} refused, "
         f"{stats.versions_loaded} versions loaded, {stats.tokens_generated} tokens generated"

@@ -23,8 +23,8 @@ from heterorl.common.config import field as setting
 from heterorl.common.model import cache_root
 from heterorl.common.tasks import Task, get_reward, make_task
 from heterorl.common.weights import WeightsCorrupt
-from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
-from heterorl.node.engine import SamplingSettings, TransformersEngine, check_engine, create_engine
+from heterorl.node.client import ClientSecurity, LearnerClient, RetryPolicy, Stopped, is_transient
+from heterorl.node.engine import Engine, SamplingSettings, check_engine, create_engine, default_engine
 from heterorl.node.lag import LagPolicy
 from heterorl.v1 import learner_pb2 as pb
 
@@ -35,7 +35,7 @@ CLIENT_VERSION = "heterorl-0.1.0"
 class SamplerConfig:
     learner: str = setting("127.0.0.1:50051", "learner address HOST:PORT")
     name: str = setting("", "name shown in `heterorl status` (default: host-pid)")
-    engine: str = setting("transformers", "generation engine: transformers or vllm (the vllm extra must be installed)")
+    engine: str = setting(default_engine(), "generation engine: vllm (the default where it is installed) or transformers")
     device: str = setting("cpu", "device to generate on")
     max_batch: int = setting(4, "prompt groups generated together in one batch")
     threads: int = setting(0, "torch threads (0 = torch default)")
@@ -52,6 +52,14 @@ class SamplerConfig:
         "fixed", "'fixed', or 'lognormal': each refresh draws the lag from the paper's log-normal scaled so its "
         "99.75%% quantile is the lag setting (0.25%% quantile: 1/32 of it)"
     )
+    # security (heterorl/node/client.py ClientSecurity); a token itself is never a flag
+    token_file: Path | None = setting(None, "file holding this sampler's token ('token' or 'name:token'; default: "
+                                            "the HETERORL_TOKEN environment variable)")
+    tls_ca: Path | None = setting(None, "PEM CA to verify the learner's certificate with; turns TLS on")
+    tls_cert: Path | None = setting(None, "PEM client certificate for mutual TLS (with --tls-key); turns TLS on")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_server_name: str = setting("", "name the learner's certificate carries when it differs from the dialled host; "
+                                       "turns TLS on")
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -86,7 +94,7 @@ class _Session:
 
     sampler_id: str
     run: pb.RunConfig
-    engine: TransformersEngine
+    engine: Engine
     model_files_sha256: str
     task: Task | None  # rebuilt locally only when its questions verify themselves
 
@@ -115,11 +123,16 @@ class Sampler:
         self.config = config
         self.log = log
         self.stop = stop
+        security = ClientSecurity.load(
+            config.token_file, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
+        )
         self.client = LearnerClient(
-            config.learner, RetryPolicy(max_s=config.retry_max_s, give_up_s=config.give_up_s), log=log, stop=stop
+            config.learner, RetryPolicy(max_s=config.retry_max_s, give_up_s=config.give_up_s), log=log, stop=stop,
+            security=security,
         )
         self.stats = SamplerStats()
         self.session: _Session | None = None
+        self.previous: _Session | None = None  # the session before a re-registration: its engine may be reused
         self.latest_version = 0
         self.outbox: list[pb.TrajectoryGroup] = []
         self._lock = threading.Lock()
@@ -135,10 +148,12 @@ class Sampler:
         )
         files = self.client.model_files(reply.sampler_id)
         model_dir = _install_model_files(files, self.config.cache_dir or cache_root())
-        old = self.session
+        old, self.previous = self.previous, None
         if old is not None and old.model_files_sha256 == files.files_sha256:
             engine = old.engine  # same architecture: keep the loaded weights; a delta/anchor resyncs them
         else:
+            if old is not None:
+                old.engine.close()  # another model: free the old engine first (two vLLM engines cannot share a process)
             engine = create_engine(self.config.engine, model_dir, seed=self.config.seed)
         if old is not None and old.run.run_id != reply.run.run_id:
             self.outbox.clear()  # leases of another run mean nothing to this one
@@ -275,12 +290,12 @@ class Sampler:
                 self._step()
                 outage = None
             except _Reregister:
-                self.session = None
+                self.previous, self.session = self.session or self.previous, None
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
                 if code == grpc.StatusCode.NOT_FOUND:
                     self.log("the learner does not know this sampler (it restarted?); registering again")
-                    self.session = None
+                    self.previous, self.session = self.session or self.previous, None
                 elif not is_transient(err):
                     raise
                 else:
@@ -304,6 +319,9 @@ class Sampler:
         stop.set()
         beat.join(timeout=1)
         self.client.close()
+        engine = (self.session or self.previous).engine if (self.session or self.previous) else None
+        if engine is not None:
+            engine.close()
         return self.stats
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from heterorl.common.config import field
 from heterorl.server.losses import LossConfig
+from heterorl.server.trust import TrustConfig
 
 
 @dataclass
@@ -50,9 +51,35 @@ class LearnerConfig:
     keep_versions: int = field(4, "published versions kept for samplers to fetch")
     chunk_bytes: int = field(2 << 20, "bytes per weight chunk on the wire")
     threads: int = field(0, "torch threads (0 = torch default)")
+    # security (heterorl/server/auth.py); a token itself is never a flag, only a file
+    tokens_file: Path | None = field(None, "file of sampler tokens, one 'name:token' per line ('#' comments); "
+                                           "re-read when it changes")
+    tls_cert: Path | None = field(None, "PEM certificate (chain) of the server; with --tls-key turns TLS on")
+    tls_key: Path | None = field(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = field(None, "PEM CA that client certificates must chain to (mutual TLS)")
+    insecure: bool = field(False, "allow listening beyond loopback with neither tokens nor client certificates")
+    rate_calls_per_s: float = field(50.0, "calls per second allowed per sampler, sustained (0 = no limit)")
+    rate_calls_burst: float = field(200.0, "calls a sampler may make at once above the sustained rate")
+    rate_groups_per_s: float = field(200.0, "trajectory groups per second accepted per sampler (0 = no limit)")
+    rate_groups_burst: float = field(800.0, "groups a sampler may send at once above the sustained rate")
+    # durability (heterorl/server/db.py, heterorl/server/checkpoint.py)
+    resume: Path | None = field(None, "continue the run in this RUN_DIR from its database and last checkpoint")
+    resume_existing: bool = field(False, "when RUN_DIR already holds a run, continue it (as --resume RUN_DIR) "
+                                         "instead of refusing: for learners restarted by a service manager")
+    checkpoint_every: int = field(10, "write a resumable train-state checkpoint every N steps (0 = only at the end "
+                                      "and on SIGTERM)")
+    db_sync: str = field("full", "run database commits: 'full' (fsync each commit; acks survive power loss) or "
+                                 "'normal' (acks survive any learner crash, not an OS crash)")
+    # trust (heterorl/server/trust.py)
+    verify_fraction: float = field(0.25, "share of groups whose log-probs are recomputed under their version")
+    verify_first: int = field(4, "a new sampler's first groups are always recomputed")
+    logprob_tolerance: float = field(0.05, "mean |claimed - recomputed| log-prob per token (nats) that is a mismatch")
+    quarantine_after: int = field(2, "mismatched groups after which a sampler is quarantined (its groups not trained)")
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        if self.resume is not None:
+            self.resume = Path(self.resume)
         if self.task_path is not None:
             self.task_path = Path(self.task_path)
         checks = [
@@ -71,11 +98,14 @@ class LearnerConfig:
             (self.keep_versions >= 1, "keep_versions must be >= 1"),
             (64 << 10 <= self.chunk_bytes <= 3 << 20, "chunk_bytes must be in 64 KiB..3 MiB"),
             (self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.db_sync in ("full", "normal"), f"db_sync must be 'full' or 'normal', got {self.db_sync!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.loss_config()  # validates the loss settings early
+        self.trust_config()
         self.task_kwargs()
 
     def task_kwargs(self) -> dict:
@@ -89,6 +119,14 @@ class LearnerConfig:
         if self.task_path is not None:
             options["path"] = self.task_path
         return options
+
+    def trust_config(self) -> TrustConfig:
+        return TrustConfig(
+            verify_fraction=self.verify_fraction,
+            verify_first=self.verify_first,
+            tolerance=self.logprob_tolerance,
+            quarantine_after=self.quarantine_after,
+        )
 
     def loss_config(self) -> LossConfig:
         return LossConfig(

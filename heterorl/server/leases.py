@@ -4,6 +4,9 @@ A prompt is leased to one sampler with an expiry. When the sampler returns the g
 *accepted* (then *trained*, or *dropped* as too stale). When the lease expires, its prompt goes back to a queue
 and is leased again under a new lease id; the old lease can still be accepted late as long as its prompt has not
 been handed out again. Every lease ends in exactly one state, which is what the accounting tests check.
+
+The book lives in memory; the learner commits every change that matters after a crash (issue, re-issue,
+acceptance, training) to the run database, and `restore` rebuilds the book from it when a run is resumed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import itertools
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from heterorl.common.tasks import Problem
 
@@ -45,6 +48,15 @@ class Lease:
     expires_at: float
     state: LeaseState = LeaseState.OUTSTANDING
     reissued: bool = False  # the prompt of this (expired) lease has been leased again
+    reissue_of: str | None = None  # the expired lease whose prompt this one took over
+
+
+def lease_serial(lease_id: str) -> int:
+    """The issue counter inside a lease id `L<serial>-<random>` (ids are made by `LeaseBook.issue`)."""
+    head, sep, _ = lease_id.partition("-")
+    if not sep or not head.startswith("L") or not head[1:].isdigit():
+        raise ValueError(f"not a lease id of this learner: {lease_id!r}")
+    return int(head[1:])
 
 
 @dataclass
@@ -82,12 +94,12 @@ class LeaseBook:
         self.expire_overdue(now)
         issued = []
         while len(issued) < n:
-            index, problem, tokens = -1, None, None
+            index, problem, tokens, reissue_of = -1, None, None, None
             while self._requeued:
                 old = self.leases[self._requeued.popleft()]
                 if old.state is LeaseState.EXPIRED and not old.reissued:
                     old.reissued = True
-                    index, problem, tokens = old.prompt_index, old.problem, old.prompt_token_ids
+                    index, problem, tokens, reissue_of = old.prompt_index, old.problem, old.prompt_token_ids, old.lease_id
                     break
             if problem is None:
                 index = self.next_index
@@ -102,6 +114,7 @@ class LeaseBook:
                 sampler_id=sampler_id,
                 issued_at=now,
                 expires_at=now + self.ttl_s,
+                reissue_of=reissue_of,
             )
             self.leases[lease.lease_id] = lease
             issued.append(lease)
@@ -136,3 +149,18 @@ class LeaseBook:
 
     def outstanding(self) -> int:
         return self.count(LeaseState.OUTSTANDING)
+
+    def restore(self, leases: Iterable[Lease], now: float) -> None:
+        """Load the leases of a resumed run into an empty book, in issue order.
+
+        The prompt stream continues after the highest prompt ever leased, lease ids continue their counter, and
+        leases that are overdue at `now` expire here, so their prompts are leased again first.
+        """
+        if self.leases:
+            raise RuntimeError("restore needs an empty lease book")
+        for lease in sorted(leases, key=lambda l: lease_serial(l.lease_id)):
+            self.leases[lease.lease_id] = lease
+        if self.leases:
+            self.next_index = max(l.prompt_index for l in self.leases.values()) + 1
+            self._serial = itertools.count(max(lease_serial(i) for i in self.leases) + 1)
+        self.expire_overdue(now)

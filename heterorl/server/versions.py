@@ -1,6 +1,7 @@
 """Published weight versions and the payloads samplers download: one combined delta or a full anchor.
 
-Version numbers start at 1 (the weights the run started from) and grow by one per published optimizer step.
+Version numbers start at 1 (the weights the run started from) and grow by one per published optimizer step
+(a resumed run continues them, skipping any number published after its checkpoint: see `Learner._resume`).
 The store holds the bf16 tensors of the newest `keep` versions. A sampler holding version A that asks for B gets
 `codec.encode(B, A)` — one delta however far behind it is, since deltas compose by encoding against any held
 base — or a full anchor when it holds nothing, holds a version that was pruned, or the delta would be larger.
@@ -55,13 +56,18 @@ class VersionStore:
         self._lock = threading.Lock()
         self.encodes = 0  # how many payloads were actually encoded (the cache saves the rest)
 
-    def publish(self, version: int, tensors: dict[str, torch.Tensor]) -> Payload | None:
-        """Hold a new version (the tensors are kept, not copied); returns the delta from the previous one."""
+    def publish(self, version: int, tensors: dict[str, torch.Tensor], weights_sha256: str | None = None) -> Payload | None:
+        """Hold a new version (the tensors are kept, not copied); returns the delta from the previous one.
+
+        Version numbers must grow but may skip: a resumed run skips the numbers of versions lost in a crash.
+        `weights_sha256` is `codec.digest(tensors)` when the caller has already computed it.
+        """
+        digest = weights_sha256 or codec.digest(tensors)
         with self._lock:
             newest = next(reversed(self._versions), 0)
             if version <= newest:
                 raise ValueError(f"version {version} is not newer than {newest}")
-            self._versions[version] = _Version(version, tensors, codec.digest(tensors))
+            self._versions[version] = _Version(version, tensors, digest)
             while len(self._versions) > self.keep:
                 old, _ = self._versions.popitem(last=False)
                 for key in [k for k in self._payloads if old in k]:
@@ -116,6 +122,12 @@ class VersionStore:
         with self._lock:
             held = self._versions.get(version)
             return held.weights_sha256 if held else None
+
+    def tensors(self, version: int) -> dict[str, torch.Tensor] | None:
+        """The published bf16 tensors of `version` (shared, never to be modified), or None once pruned."""
+        with self._lock:
+            held = self._versions.get(version)
+            return held.tensors if held else None
 
     @property
     def newest(self) -> int:

@@ -232,7 +232,14 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SamplerStatus(_message.Message):
-    __slots__ = ("sampler_id", "name", "engine", "device", "version", "groups_leased", "groups_accepted", "groups_rejected", "last_seen_s_ago", "alive")
+    __slots__ = ("sampler_id", "name", "engine", "device", "version", "groups_leased", "groups_accepted", "groups_rejected", "last_seen_s_ago", "alive", "rejections", "principal", "quarantined", "logprob_checked", "logprob_mismatched", "logprob_mean_diff")
+    class RejectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SAMPLER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +250,12 @@ class SamplerStatus(_message.Message):
     GROUPS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_MISMATCHED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_MEAN_DIFF_FIELD_NUMBER: _ClassVar[int]
     sampler_id: str
     name: str
     engine: str
@@ -253,10 +266,23 @@ class SamplerStatus(_message.Message):
     groups_rejected: int
     last_seen_s_ago: float
     alive: bool
-    def __init__(self, sampler_id: _Optional[str] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., groups_leased: _Optional[int] = ..., groups_accepted: _Optional[int] = ..., groups_rejected: _Optional[int] = ..., last_seen_s_ago: _Optional[float] = ..., alive: _Optional[bool] = ...) -> None: ...
+    rejections: _containers.ScalarMap[str, int]
+    principal: str
+    quarantined: bool
+    logprob_checked: int
+    logprob_mismatched: int
+    logprob_mean_diff: float
+    def __init__(self, sampler_id: _Optional[str] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., groups_leased: _Optional[int] = ..., groups_accepted: _Optional[int] = ..., groups_rejected: _Optional[int] = ..., last_seen_s_ago: _Optional[float] = ..., alive: _Optional[bool] = ..., rejections: _Optional[_Mapping[str, int]] = ..., principal: _Optional[str] = ..., quarantined: _Optional[bool] = ..., logprob_checked: _Optional[int] = ..., logprob_mismatched: _Optional[int] = ..., logprob_mean_diff: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "version", "step", "groups_trained", "groups_pending", "leases_outstanding", "leases_expired", "groups_dropped_stale", "samplers", "uptime_s", "last_reward_mean", "last_eval_accuracy", "task", "loss")
+    __slots__ = ("run_id", "version", "step", "groups_trained", "groups_pending", "leases_outstanding", "leases_expired", "groups_dropped_stale", "samplers", "uptime_s", "last_reward_mean", "last_eval_accuracy", "task", "loss", "rejections", "security")
+    class RejectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +297,8 @@ class StatusReply(_message.Message):
     LAST_EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    SECURITY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     version: int
     step: int
@@ -285,4 +313,6 @@ class StatusReply(_message.Message):
     last_eval_accuracy: float
     task: str
     loss: str
-    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., groups_trained: _Optional[int] = ..., groups_pending: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., groups_dropped_stale: _Optional[int] = ..., samplers: _Optional[_Iterable[_Union[SamplerStatus, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., last_reward_mean: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., task: _Optional[str] = ..., loss: _Optional[str] = ...) -> None: ...
+    rejections: _containers.ScalarMap[str, int]
+    security: str
+    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., groups_trained: _Optional[int] = ..., groups_pending: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., groups_dropped_stale: _Optional[int] = ..., samplers: _Optional[_Iterable[_Union[SamplerStatus, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., last_reward_mean: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., task: _Optional[str] = ..., loss: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., security: _Optional[str] = ...) -> None: ...
