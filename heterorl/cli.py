@@ -146,10 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{args.steps} steps; logs and results in {run_dir}/", flush=True)
     from heterorl.common.model import resolve_model
 
-    from heterorl.node.engine import default_engine
-
     resolve_model(args.model)  # convert/cache the model once, before the processes race to do it
-    engine = args.sampler_engine or default_engine()
+    engine = args.sampler_engine
     py = sys.executable
     learner_argv = [
         py, "-m", "heterorl.server.main", "--host", "127.0.0.1", "--port", "0", "--run-dir", str(run_dir),
@@ -258,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learner-threads", type=int, default=2)
     p.add_argument("--sampler-threads", type=int, default=1)
     p.add_argument("--sampler-batch", type=int, default=2, help="prompt groups per sampler batch")
-    p.add_argument("--sampler-engine", default=None,
-                   help="samplers' generation engine: vllm or transformers (default: vllm where it is installed)")
+    # The demo's figures in the README were measured with the transformers engine; vLLM samplers are one flag away.
+    p.add_argument("--sampler-engine", default="transformers", choices=("transformers", "vllm"),
+                   help="samplers' generation engine (default: transformers)")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after --")
     p.set_defaults(func=cmd_demo)
