@@ -80,7 +80,8 @@ def measure(args, tmp: Path, secured: bool) -> dict:
                         rate_calls_per_s=1e6, rate_calls_burst=1e6, rate_groups_per_s=1e6, rate_groups_burst=1e6)
     config = LearnerConfig(
         port=0, run_dir=run_dir, model="tiny", reward="last_number", group_size=args.group_size,
-        max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600, **security,
+        max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600, db_sync=args.db_sync,
+        **security,
     )
     learner = Learner(config, log=lambda _m: None)
     server, port = build_server(learner, "127.0.0.1", 0)
@@ -116,6 +117,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="groups per lease request and per stream")
     parser.add_argument("--auth", action="store_true", help="plain against secured (tokens, TLS, rate limits)")
     parser.add_argument("--rounds", type=int, default=2, help="with --auth: alternations of the two learners")
+    parser.add_argument("--db-sync", choices=("full", "normal"), default="full",
+                        help="the learner's run-database commits (see heterorl-learner --db-sync)")
     args = parser.parse_args()
 
     print(f"clients {args.clients}, G={args.group_size}, {args.tokens} tokens/completion, {args.seconds:.0f}s "

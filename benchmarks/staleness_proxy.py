@@ -11,21 +11,14 @@ number equals the answer) teaches it to stop after the answer, and the held-out 
 generalizes to questions RL never trained on. RL at lag 0 lifts held-out accuracy from about 0 to 0.5-0.7 in
 20 steps of 4 groups x 8 (about 1 s per step with evaluation, one thread each for learner and sampler).
 
-    python benchmarks/staleness_proxy.py [--steps 150] [--seeds 0 1] [--lag 0] [--loss gepo]
-
-runs the RL loop in-process (no gRPC: a sampler copy of the policy refreshed every `lag` steps stands in for a
-lagging sampler) and ends with `RESULT build_s=... step_s=... acc0=... accN=...`; `benchmarks/staleness.py`
-runs the real daemons.
+The model is built by `benchmarks/staleness.py` (through `build_proxy_model`), which is also the one way to train
+it: real learner and sampler daemons over gRPC.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
 import random
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from heterorl.common.model import _publish_dir, build_tiny_model_dir, encode_prompt, left_pad, load_tokenizer  # noqa: E402
-from heterorl.common.tasks import ArithmeticTask, get_reward, make_task  # noqa: E402
+from heterorl.common.model import _publish_dir, build_tiny_model_dir, encode_prompt, load_tokenizer  # noqa: E402
+from heterorl.common.tasks import ArithmeticTask  # noqa: E402
 
 PROXY_NAME = "staleness-proxy-v2"
 
@@ -181,124 +174,3 @@ def build_proxy_model(cache_root: Path) -> Path:
         return target
     task = ArithmeticTask(**PROXY_TASK_OPTIONS)
     return _publish_dir(lambda tmp: write_proxy_model(tmp, task), target)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# In-process RL check: the learner's Trainer fed by a (possibly lagging) copy of the policy.
-
-
-@torch.no_grad()
-def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, temperature: float,
-                  max_new_tokens: int) -> list[list[tuple[list[int], list[float]]]]:
-    """G sampled completions per prompt with per-token log-probs, as TransformersEngine reports them."""
-    from transformers import GenerationConfig
-
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids, attention = left_pad([p for p in prompts for _ in range(group_size)], pad)
-    width = ids.shape[1]
-    generation = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                  output_scores=True, return_dict_in_generate=True)
-    out = model.generate(input_ids=ids, attention_mask=attention, generation_config=generation)
-    new = out.sequences[:, width:]
-    logprobs = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1).gather(-1, new[..., None])[..., 0]
-    groups = []
-    for p in range(len(prompts)):
-        group = []
-        for r in range(p * group_size, (p + 1) * group_size):
-            tokens = new[r].tolist()
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            group.append((tokens, logprobs[r, : len(tokens)].tolist()))
-        groups.append(group)
-    return groups
-
-
-def rl_run(model_dir: Path, loss: str, lag: int, steps: int, seed: int, log=print) -> dict[str, object]:
-    """Train `steps` RL steps at sampler lag `lag`; return held-out accuracies and timings."""
-    from heterorl.common.model import load_causal_lm
-    from heterorl.server.losses import LossConfig
-    from heterorl.server.store import StoredCompletion, StoredGroup
-    from heterorl.server.trainer import Trainer, TrainerConfig
-
-    flags = PROXY_LEARNER_FLAGS
-    torch.manual_seed(seed)
-    task = make_task("arithmetic", **PROXY_TASK_OPTIONS)
-    reward_fn = get_reward(str(flags.get("reward", task.default_reward)))
-    tokenizer = load_tokenizer(model_dir)
-    trainer = Trainer(load_causal_lm(model_dir), tokenizer.pad_token_id, TrainerConfig(
-        lr=float(flags["lr"]), weight_decay=0.0, max_grad_norm=float(flags["max_grad_norm"]),
-        temperature=float(flags["temperature"]), loss=LossConfig(name=loss)))
-    sampler = copy.deepcopy(trainer.model).eval()
-    sampler_version = 0
-    eval_problems = task.eval_problems(min(int(flags["eval_size"]), task.eval_size))
-    encode = lambda p: encode_prompt(tokenizer, p.question)  # noqa: E731
-    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-
-    def evaluate() -> float:
-        return trainer.evaluate(eval_problems, encode, decode, reward_fn, int(flags["max_new_tokens"]))
-
-    G, B = int(flags["group_size"]), int(flags["groups_per_step"])
-    curve = [(0, evaluate())]
-    rng = random.Random(seed)
-    sample_s = train_s = 0.0
-    rewards: list[float] = []
-    for step in range(steps):
-        if step - sampler_version >= max(lag, 1) or lag == 0:
-            sampler.load_state_dict(trainer.model.state_dict())
-            sampler_version = step
-        problems = [task.train_problem(rng.randrange(1 << 30)) for _ in range(B)]
-        started = time.perf_counter()
-        sampled = sample_groups(sampler, tokenizer, [encode(p) for p in problems], G, float(flags["temperature"]),
-                                int(flags["max_new_tokens"]))
-        sample_s += time.perf_counter() - started
-        batch = []
-        for problem, group in zip(problems, sampled, strict=True):
-            comps = tuple(StoredCompletion(tokens, lps, 0, reward_fn(decode(tokens), problem.answer), None)
-                          for tokens, lps in group)
-            rewards.extend(c.reward for c in comps)
-            batch.append(StoredGroup("", "", 0, encode(problem), sampler_version, comps, 0.0))
-        started = time.perf_counter()
-        metrics = trainer.train_step(batch)
-        train_s += time.perf_counter() - started
-        if (step + 1) % int(flags["eval_every"]) == 0 or step + 1 == steps:
-            curve.append((step + 1, evaluate()))
-            recent = rewards[-G * B * int(flags["eval_every"]):]
-            log(f"  {loss} lag={lag} seed={seed} step {step + 1}: held-out {curve[-1][1]:.3f} "
-                f"train reward {sum(recent) / len(recent):.3f} is_var {metrics.get('is_weight_var', 0):.2e} "
-                f"kl {metrics.get('kl_k3', 0):.2e}")
-    return {"curve": curve, "sample_s": sample_s / steps, "train_s": train_s / steps}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--lag", type=int, default=0)
-    parser.add_argument("--loss", default="gepo")
-    parser.add_argument("--cache", type=Path, default=None, help="model cache root (default: heterorl's)")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-
-    from heterorl.common.model import cache_root
-
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    model_dir = build_proxy_model(args.cache if args.cache is not None else cache_root())
-    build_s = time.perf_counter() - started
-    print(f"proxy model at {model_dir} (build or reuse {build_s:.1f}s); task {json.dumps(PROXY_TASK_OPTIONS)}")
-    results = [rl_run(model_dir, args.loss, args.lag, args.steps, seed) for seed in args.seeds]
-    acc0 = sum(r["curve"][0][1] for r in results) / len(results)
-    accn = sum(r["curve"][-1][1] for r in results) / len(results)
-    best = sum(max(a for _, a in r["curve"]) for r in results) / len(results)
-    step_s = sum(r["sample_s"] + r["train_s"] for r in results) / len(results)
-    for seed, r in zip(args.seeds, results, strict=True):
-        print(f"seed {seed}: " + " ".join(f"{s}:{a:.2f}" for s, a in r["curve"])
-              + f"  sample {r['sample_s']:.3f}s/step train {r['train_s']:.3f}s/step")
-    print(f"RESULT build_s={build_s:.1f} step_s={step_s:.3f} acc0={acc0:.3f} acc{args.steps}={accn:.3f} "
-          f"best={best:.3f} loss={args.loss} lag={args.lag}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

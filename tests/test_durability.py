@@ -9,7 +9,6 @@ kill -9 on processes).
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from heterorl.common import codec
 from heterorl.server import checkpoint as ckpt
 from heterorl.server.config import LearnerConfig
-from heterorl.server.db import DB_NAME, DurabilityError, RunDB
+from heterorl.server.db import DB_NAME, DurabilityError, RunDB, read_only_query
 from heterorl.server.learner import Learner, Submission
 from heterorl.server.service import build_server
 from heterorl.server.store import (
@@ -76,15 +75,6 @@ def train_steps(learner: Learner, n: int) -> None:
     stop = threading.Event()
     for _ in range(n):
         learner.train_once(learner._wait_for_groups(stop))
-
-
-def read_db(run_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    """Read the run database from outside the learner, the way another process would."""
-    conn = sqlite3.connect(f"file:{run_dir / DB_NAME}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -141,9 +131,9 @@ def test_ack_means_committed_and_a_resubmission_is_stored_once(tmp_path):
     try:
         stub = pb_grpc.LearnerStub(channel)
         sid = stub.Register(pb.RegisterRequest(name="t", engine="transformers", device="cpu", max_batch=4)).sampler_id
-        assert read_db(run_dir, "SELECT sampler_id FROM samplers") == [(sid,)]  # known before its id is handed out
+        assert read_only_query(run_dir, "SELECT sampler_id FROM samplers") == [(sid,)]  # known before its id is handed out
         leases = stub.LeasePrompts(pb.LeaseRequest(sampler_id=sid, max_groups=3)).leases
-        stored = read_db(run_dir, "SELECT lease_id, state FROM leases")
+        stored = read_only_query(run_dir, "SELECT lease_id, state FROM leases")
         assert sorted(stored) == sorted((l.lease_id, "outstanding") for l in leases)  # committed before the reply
         comps = [pb.Completion(token_ids=[5, 6], logprobs=[-1.0, -0.5], finish_reason=pb.FINISH_REASON_LENGTH)
                  for _ in range(G)]
@@ -152,11 +142,11 @@ def test_ack_means_committed_and_a_resubmission_is_stored_once(tmp_path):
         for ack in stub.SubmitTrajectories(iter(groups)):
             assert ack.status == pb.ACK_STATUS_ACCEPTED
             # At the moment the ack arrives, another process already sees the group and its lease accepted.
-            assert read_db(run_dir, "SELECT COUNT(*) FROM groups WHERE lease_id = ?", (ack.lease_id,)) == [(1,)]
-            assert read_db(run_dir, "SELECT state FROM leases WHERE lease_id = ?", (ack.lease_id,)) == [("accepted",)]
+            assert read_only_query(run_dir, "SELECT COUNT(*) FROM groups WHERE lease_id = ?", (ack.lease_id,)) == [(1,)]
+            assert read_only_query(run_dir, "SELECT state FROM leases WHERE lease_id = ?", (ack.lease_id,)) == [("accepted",)]
         again = list(stub.SubmitTrajectories(iter(groups[:2] + groups[:1])))
         assert [a.status for a in again] == [pb.ACK_STATUS_DUPLICATE] * 3
-        assert read_db(run_dir, "SELECT COUNT(*) FROM groups") == [(3,)]
+        assert read_only_query(run_dir, "SELECT COUNT(*) FROM groups") == [(3,)]
         assert len(learner.store) == 3
     finally:
         channel.close()
@@ -230,7 +220,7 @@ def build_history(run_dir: Path) -> dict:
 def test_resume_continues_the_same_run_exactly(tmp_path):
     run_dir = tmp_path / "run"
     h = build_history(run_dir)
-    run_id = read_db(run_dir, "SELECT value FROM run WHERE key = 'run_id'")[0][0]
+    run_id = read_only_query(run_dir, "SELECT value FROM run WHERE key = 'run_id'")[0][0]
     learner = resumed(run_dir)
     try:
         assert learner.run_id == run_id and learner.trainer.step == 2
@@ -246,7 +236,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
         assert learner.versions.held() == [3, h["newest_version"] + 1]
         assert learner.versions.weights_sha256(3) == learner.versions.weights_sha256(h["newest_version"] + 1)
         assert codec.digest(learner.trainer.snapshot()) == learner.versions.weights_sha256(3)
-        numbers = [v for (v,) in read_db(run_dir, "SELECT version FROM versions ORDER BY version")]
+        numbers = [v for (v,) in read_only_query(run_dir, "SELECT version FROM versions ORDER BY version")]
         assert numbers == list(range(1, h["newest_version"] + 2))
         # Pending: the groups trained after the checkpoint first, then the ones never trained, in order.
         pending = [g.lease_id for g in learner.store._groups]
@@ -360,15 +350,15 @@ def test_sigterm_style_stop_leaves_a_recorded_checkpoint_of_the_last_step(tmp_pa
     runner.join(timeout=60)
     assert not runner.is_alive()
     learner.close()
-    ((step, path),) = read_db(run_dir, "SELECT step, path FROM checkpoints")
+    ((step, path),) = read_only_query(run_dir, "SELECT step, path FROM checkpoints")
     assert step == 3 and (run_dir / path / "model.safetensors").exists()
     assert (run_dir / "checkpoint" / "model.safetensors").exists()  # the Hugging Face directory stays
     final = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
     saved = load_file(str(run_dir / path / "model.safetensors"))
     assert all(torch.equal(final[k], saved[k]) for k in final if k in saved)
     # The groups of trained steps left the database with that checkpoint; the leases stay as the record.
-    assert read_db(run_dir, "SELECT COUNT(*) FROM groups") == [(0,)]
-    assert read_db(run_dir, "SELECT COUNT(*) FROM leases WHERE state = 'trained'") == [(6,)]
+    assert read_only_query(run_dir, "SELECT COUNT(*) FROM groups") == [(0,)]
+    assert read_only_query(run_dir, "SELECT COUNT(*) FROM leases WHERE state = 'trained'") == [(6,)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

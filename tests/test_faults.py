@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from heterorl.common.weights import WeightsCorrupt
 from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
 from heterorl.node.engine import SamplingSettings, TransformersEngine
 from heterorl.server.checkpoint import TRAIN_STATE_DIR
-from heterorl.server.db import DB_NAME
+from heterorl.server.db import read_only_query
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
@@ -179,20 +178,12 @@ def start_learner(processes: Processes, run_dir: Path, name: str, timeout: float
         time.sleep(0.1)
 
 
-def db_rows(run_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{run_dir / DB_NAME}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
-
-
 def lease_states(run_dir: Path) -> dict[str, str]:
-    return dict(db_rows(run_dir, "SELECT lease_id, state FROM leases"))
+    return dict(read_only_query(run_dir, "SELECT lease_id, state FROM leases"))
 
 
 def committed_checkpoint(run_dir: Path) -> tuple[int, int, Path] | None:
-    row = db_rows(run_dir, "SELECT step, version, path FROM checkpoints ORDER BY step DESC LIMIT 1")
+    row = read_only_query(run_dir, "SELECT step, version, path FROM checkpoints ORDER BY step DESC LIMIT 1")
     return (row[0][0], row[0][1], run_dir / row[0][2]) if row else None
 
 
@@ -296,7 +287,7 @@ def check_books(run_dir: Path, recorder: RecordingSampler | None = None) -> dict
         lost = [l for l in recorder.acked if states.get(l) not in ("accepted", "trained", "dropped")]
         assert not lost, f"{len(lost)} acknowledged groups are gone: {lost[:5]}"
     # Every stored group is whole (no partial group can be trained) and belongs to an accepted lease.
-    groups = db_rows(run_dir, "SELECT g.lease_id, l.state FROM groups g JOIN leases l USING (lease_id)")
+    groups = read_only_query(run_dir, "SELECT g.lease_id, l.state FROM groups g JOIN leases l USING (lease_id)")
     assert all(state in ("accepted", "trained", "dropped") for _, state in groups)
     assert all(r["groups"] == len(r["leases"]) for r in train)
     return {"trained": len(trained_leases), "states": Counter(states.values()), "lost": len(lost),
@@ -342,7 +333,7 @@ def run_sampler_kills(processes: Processes, run_dir: Path, count: int, seed: int
     # The steady sampler alone carries on; the victims' leases run out and are leased to it.
     step = wait_for_step(target, status(target).step + 3, learner)
     deadline = time.time() + 60
-    while not db_rows(run_dir, "SELECT 1 FROM leases WHERE state = 'expired'"):
+    while not read_only_query(run_dir, "SELECT 1 FROM leases WHERE state = 'expired'"):
         assert time.time() < deadline, "no lease of a killed sampler expired and was leased again"
         time.sleep(0.2)
     wait_for_step(target, step + 2, learner)
@@ -353,9 +344,9 @@ def run_sampler_kills(processes: Processes, run_dir: Path, count: int, seed: int
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["groups_accepted"] == summary["groups_trained"] + summary["groups_pending"] + summary["groups_dropped_stale"]
     # Every lease that expired had its prompt leased again under a new id (and check_books: trained at most once).
-    expired = db_rows(run_dir, "SELECT lease_id, prompt_index FROM leases WHERE state = 'expired'")
+    expired = read_only_query(run_dir, "SELECT lease_id, prompt_index FROM leases WHERE state = 'expired'")
     for lease_id, prompt in expired:
-        again = db_rows(run_dir, "SELECT lease_id FROM leases WHERE prompt_index = ? AND lease_id != ?", (prompt, lease_id))
+        again = read_only_query(run_dir, "SELECT lease_id FROM leases WHERE prompt_index = ? AND lease_id != ?", (prompt, lease_id))
         assert again, f"the prompt of expired lease {lease_id} was never leased again"
     return {"books": books, "expired": len(expired), "lived": lived}
 
@@ -472,7 +463,7 @@ def run_learner_kills(processes: Processes, run_dir: Path, model_dir: Path, mode
         if r["pending_before"]:
             assert any(states[l] == "trained" for l in r["pending_before"]), f"pending at {r['mode']} never trained"
     assert recorder.duplicate_acks > 0 and not recorder.refusals, recorder.refusals[:5]
-    versions = [v for (v,) in db_rows(run_dir, "SELECT version FROM versions ORDER BY version")]
+    versions = [v for (v,) in read_only_query(run_dir, "SELECT version FROM versions ORDER BY version")]
     assert versions == sorted(set(versions))
     return {"kills": results, "books": books, "acked": len(recorder.acked), "duplicates": recorder.duplicate_acks}
 

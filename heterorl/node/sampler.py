@@ -319,9 +319,9 @@ class Sampler:
         stop.set()
         beat.join(timeout=1)
         self.client.close()
-        engine = (self.session or self.previous).engine if (self.session or self.previous) else None
-        if engine is not None:
-            engine.close()
+        last = self.session or self.previous
+        if last is not None:
+            last.engine.close()
         return self.stats
 
 

@@ -414,3 +414,12 @@ def _load(c: sqlite3.Connection) -> RunState:
         checkpoint=checkpoint,
         last_seen_alive=last_seen_alive or float(meta["created_at"]),
     )
+
+
+def read_only_query(run_dir: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of a query on a run's database from outside its learner (another process, a test, a benchmark)."""
+    conn = sqlite3.connect(f"file:{Path(run_dir) / DB_NAME}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()

@@ -385,19 +385,23 @@ class Learner:
 
         Runs in the training thread, outside the lock: a check is one no-grad forward of the claimed version.
         """
-        kept, aside = [], []
-        for group in batch:
-            caught = False  # a group whose own check fails is never trained, quarantine or not
+        caught_leases = set()  # groups whose own check failed are never trained, quarantine or not
+        # By version, so the verifier loads each version's weights once per batch, not once per alternation.
+        for group in sorted(batch, key=lambda g: g.policy_version):
             if not self.trust.quarantined(group.sampler_id) and self.trust.wants_check(group):
                 tensors = self.versions.tensors(group.policy_version)
                 if tensors is not None:  # versions no longer held cannot be checked
                     self.verifier.load(group.policy_version, tensors)
                     diff = self.verifier.mean_abs_diff(group)
-                    caught = self.trust.mismatch(diff)
+                    if self.trust.mismatch(diff):
+                        caught_leases.add(group.lease_id)
                     if self.trust.record(group.sampler_id, diff):
                         self.log(f"sampler {group.sampler_id} quarantined: its log-probs differ from version "
                                  f"{group.policy_version}'s by {diff:.3f} nats per token")
-            (aside if caught or self.trust.quarantined(group.sampler_id) else kept).append(group)
+        kept, aside = [], []
+        for group in batch:
+            setaside = group.lease_id in caught_leases or self.trust.quarantined(group.sampler_id)
+            (aside if setaside else kept).append(group)
         if aside:
             with self.lock:
                 for group in aside:
