@@ -111,14 +111,15 @@ def transfer_faults(cache: Path, work: Path, cuts: int, corrupt: int, seed: int)
     from heterorl.node.client import LearnerClient
     from heterorl.server.config import LearnerConfig
     from heterorl.server.learner import Learner
-    from heterorl.server.service import MAX_MESSAGE_BYTES, LearnerService
+    from heterorl.common.contract import MAX_MESSAGE_BYTES
+    from heterorl.server.service import LearnerService
     from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
     rng = random.Random(seed)
     model_dir = _wide_model_dir(resolve_model("tiny", cache=cache), work / "wide-model")
     learner = Learner(LearnerConfig(port=0, run_dir=work / "transfer-run", model=str(model_dir), reward="digit_fraction",
                                     group_size=2, groups_per_step=1, max_new_tokens=4, eval_size=0,
-                                    chunk_bytes=CHUNK, keep_versions=4), log=lambda _m: None)
+                                    chunk_bytes=CHUNK, keep_versions=4))
     published = {1: learner.trainer.snapshot()}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(2):
@@ -142,7 +143,7 @@ def transfer_faults(cache: Path, work: Path, cuts: int, corrupt: int, seed: int)
                    for k, t in published[got.version].items())
 
     try:
-        plain = LearnerClient(f"127.0.0.1:{port}", retry=FAST_RETRY, log=lambda _m: None)
+        plain = LearnerClient(f"127.0.0.1:{port}", retry=FAST_RETRY)
         sampler_id = plain.register("faults", "transformers", "cpu", 1, "bench").sampler_id
         with CuttingProxy(port) as proxy:
             for i in range(cuts):
@@ -150,7 +151,7 @@ def transfer_faults(cache: Path, work: Path, cuts: int, corrupt: int, seed: int)
                 total = len(learner.versions.payload(have, 3).data)
                 abrupt = rng.random() < 0.5
                 proxy.arm(rng.randrange(1, total), abrupt=abrupt)
-                client = LearnerClient(proxy.target, retry=FAST_RETRY, log=lambda _m: None)
+                client = LearnerClient(proxy.target, retry=FAST_RETRY)
                 try:
                     got = client.fetch_weights(sampler_id, have_version=have, want_version=3)
                     ok = exact(got) and got.reconnects >= 1

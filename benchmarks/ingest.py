@@ -61,7 +61,7 @@ def client(target: str, seconds: float, group_size: int, tokens: int, vocab: int
 
 def measure(args, tmp: Path, secured: bool) -> dict:
     """One learner, `args.clients` client processes for `args.seconds`; the accepted groups per second."""
-    from heterorl.server import auth
+    from heterorl import credentials as auth  # tokens and the throwaway PKI (operator tool)
     from heterorl.server.config import LearnerConfig
     from heterorl.server.learner import Learner
     from heterorl.server.service import build_server
@@ -83,7 +83,7 @@ def measure(args, tmp: Path, secured: bool) -> dict:
         max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600, db_sync=args.db_sync,
         **security,
     )
-    learner = Learner(config, log=lambda _m: None)
+    learner = Learner(config)
     server, port = build_server(learner, "127.0.0.1", 0)
     server.start()
     ctx = mp.get_context("spawn")
@@ -101,7 +101,8 @@ def measure(args, tmp: Path, secured: bool) -> dict:
     # Measured over the span in which clients were sending, not their start-up.
     elapsed = max(r[3] for r in results) - min(r[2] for r in results)
     server.stop(0)
-    stored = len(learner.store)
+    stored = len(learner.pending())
+    learner.close()
     accepted = sum(r[0] for r in results)
     assert stored == accepted, f"stored {stored} != acknowledged {accepted}"
     return {"accepted": accepted, "elapsed": elapsed, "groups_per_s": accepted / elapsed,

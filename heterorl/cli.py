@@ -1,4 +1,5 @@
-"""`heterorl`: the demo (a learner and samplers on this machine), `status` of a running learner, and helpers."""
+"""`heterorl`: the demo (a learner and samplers on this machine), `status` of a running learner, and operator
+helpers (`new-token`, `pki`: heterorl/credentials.py; `prepare-model`)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def format_status(s) -> str:
         f"run {s.run_id}  task {s.task}  loss {s.loss}  up {s.uptime_s:.0f}s",
         f"version {s.version}  step {s.step}  held-out accuracy {acc}  last reward {s.last_reward_mean:.3f}",
         f"groups: {s.groups_trained} trained, {s.groups_pending} pending, {s.leases_outstanding} leased out, "
-        f"{s.leases_expired} leases expired, {s.groups_dropped_stale} dropped as stale",
+        f"{s.leases_expired} leases expired, {s.groups_dropped_stale} dropped as stale, "
+        f"{s.groups_refused_reward} refused (reward function failed)",
+        f"sampler rewards that disagreed with the learner's: {s.reward_disagreements}",
         f"samplers ({sum(x.alive for x in s.samplers)} alive of {len(s.samplers)}):",
     ]
     header = f"  {'id':<20} {'name':<24} {'engine':<12} {'version':>7} {'leased':>7} {'accepted':>8} {'refused':>7}  seen"
@@ -51,6 +54,8 @@ def format_status(s) -> str:
         if x.logprob_checked:
             lines.append(f"  {'':<20} log-probs checked in {x.logprob_checked} groups: {x.logprob_mismatched} "
                          f"mismatched, mean |diff| {x.logprob_mean_diff:.2g} nats/token")
+        if x.reward_disagreements:
+            lines.append(f"  {'':<20} rewards that disagreed with the learner's: {x.reward_disagreements}")
         if x.rejections:
             lines.append(f"  {'':<20} refused: {_reasons(x.rejections)}")
     if s.security:
@@ -232,6 +237,8 @@ def format_summary(s: dict, wall: float, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from heterorl import credentials
+
     parser = argparse.ArgumentParser(prog="heterorl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -262,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after --")
     p.set_defaults(func=cmd_demo)
+
+    credentials.add_commands(sub)  # new-token, pki
 
     p = sub.add_parser("prepare-model", help="convert and cache a model (the default: SmolLM2-135M-Instruct)")
     p.add_argument("--model", default="smollm2-135m")

@@ -53,9 +53,10 @@ def test_compose_services_run_as_local_processes(processes, tmp_path):
         return arg.replace(volume, str(tmp_path) + "/")
 
     token_cmd = [local(a) for a in spec["services"]["token"]["command"]]
-    assert token_cmd[0] == "python"
+    assert token_cmd[0] == "heterorl"  # the console script of heterorl.cli
     for _ in range(2):  # a second run (a restarted cluster) keeps the token
-        subprocess.run([sys.executable, *token_cmd[1:]], check=True, cwd=REPO, capture_output=True)
+        subprocess.run([sys.executable, "-m", "heterorl.cli", *token_cmd[1:]], check=True, cwd=REPO,
+                       capture_output=True)
     assert len((tmp_path / "tokens").read_text().splitlines()) == 1
     learner_cmd = [local(a) for a in spec["services"]["learner"]["command"]]
     overrides = {"--host": "127.0.0.1", "--port": "0", "--run-dir": str(tmp_path / "run"), "--model": "tiny",

@@ -22,7 +22,10 @@ from safetensors.torch import load_file
 
 from heterorl.common import codec
 from heterorl.server import checkpoint as ckpt
+from heterorl.server import loop
+from heterorl.common.contract import Reason
 from heterorl.server.config import LearnerConfig
+from heterorl.server.errors import Refused
 from heterorl.server.db import DB_NAME, DurabilityError, RunDB, read_only_query
 from heterorl.server.learner import Learner, Submission
 from heterorl.server.service import build_server
@@ -54,11 +57,11 @@ def settings_for(run_dir: Path, **overrides) -> dict:
 
 
 def new_learner(run_dir: Path, **overrides) -> Learner:
-    return Learner(LearnerConfig(**settings_for(run_dir, **overrides)), log=lambda _m: None)
+    return Learner(LearnerConfig(**settings_for(run_dir, **overrides)))
 
 
 def resumed(run_dir: Path, **overrides) -> Learner:
-    return Learner(LearnerConfig(**settings_for(run_dir, resume=run_dir, **overrides)), log=lambda _m: None)
+    return Learner(LearnerConfig(**settings_for(run_dir, resume=run_dir, **overrides)))
 
 
 def crash(learner: Learner) -> None:
@@ -74,7 +77,7 @@ def submission(sampler_id: str, lease_id: str, version: int = 1, seed: int = 0) 
 def train_steps(learner: Learner, n: int) -> None:
     stop = threading.Event()
     for _ in range(n):
-        learner.train_once(learner._wait_for_groups(stop))
+        learner.train_once(loop.wait_for_groups(learner, stop))
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -147,7 +150,7 @@ def test_ack_means_committed_and_a_resubmission_is_stored_once(tmp_path):
         again = list(stub.SubmitTrajectories(iter(groups[:2] + groups[:1])))
         assert [a.status for a in again] == [pb.ACK_STATUS_DUPLICATE] * 3
         assert read_only_query(run_dir, "SELECT COUNT(*) FROM groups") == [(3,)]
-        assert len(learner.store) == 3
+        assert len(learner.pending()) == 3
     finally:
         channel.close()
         server.stop(0)
@@ -182,9 +185,10 @@ def test_a_failed_database_refuses_with_unavailable_and_stops_training(tmp_path)
     record = learner.register("s", "transformers", "cpu", 4)
     (lease,) = learner.lease(record.sampler_id, 1)
     learner.db.close()  # from here on nothing can be committed
-    with pytest.raises(Exception) as info:
+    with pytest.raises(Refused) as info:
         learner.submit(submission(record.sampler_id, lease.lease_id))
-    assert getattr(info.value, "code", None) == "UNAVAILABLE", info.value  # transient: the sampler keeps it
+    # transient: the sampler keeps the group and retries
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.UNAVAILABLE, Reason.LEARNER_STOPPING)
     with pytest.raises(DurabilityError):
         learner.publish()
 
@@ -239,15 +243,16 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
         numbers = [v for (v,) in read_only_query(run_dir, "SELECT version FROM versions ORDER BY version")]
         assert numbers == list(range(1, h["newest_version"] + 2))
         # Pending: the groups trained after the checkpoint first, then the ones never trained, in order.
-        pending = [g.lease_id for g in learner.store._groups]
+        pending = [g.lease_id for g in learner.pending()]
         assert pending[:2] == [i for i in h["lease_ids"][4:6]] and set(pending[:2]) == h["trained_after"]
         assert pending[2:] == h["lease_ids"][6:8]
         counts = learner.leases.counts()
-        assert counts == {"outstanding": 1, "accepted": 4, "trained": 4, "dropped": 0, "expired": 0}
+        assert counts == {"outstanding": 1, "accepted": 4, "trained": 4, "dropped": 0, "expired": 0, "released": 0}
+        assert learner.leases.in_memory().live == 5  # finished leases stay in the database only
         # The sampler is still known, its outstanding lease still good, and a resent group is a duplicate.
         sid = h["sampler_id"]
-        record = learner.samplers[sid]
-        assert (record.groups_leased, record.groups_accepted) == (9, 8)
+        (view,) = learner.status().samplers
+        assert (view.sampler_id, view.groups_leased, view.groups_accepted) == (sid, 9, 8)
         assert learner.submit(submission(sid, h["lease_ids"][0])) is True
         assert learner.submit(submission(sid, h["lease_ids"][7])) is True
         assert learner.submit(submission(sid, h["lease_ids"][8], version=h["newest_version"])) is False
@@ -260,7 +265,7 @@ def test_resume_continues_the_same_run_exactly(tmp_path):
         assert records[-1]["kind"] == "resume" and records[-1]["retrained_groups"] == 2
         cut = [json.loads(l) for l in (run_dir / "metrics.rolledback.jsonl").read_text().splitlines()]
         assert [r["step"] for r in cut if r["kind"] == "train"] == [3]
-        assert learner.eval_history == [(2, 0.25)]
+        assert learner.stats.eval_history == [(2, 0.25)]
         # Training on: each group is trained once in the surviving history.
         train_steps(learner, 2)
         trained = [l for r in metrics(run_dir) if r["kind"] == "train" for l in r["leases"]]
@@ -280,7 +285,7 @@ def test_a_crash_before_any_checkpoint_resumes_from_the_starting_weights(tmp_pat
     crash(learner)
     again = resumed(run_dir)
     try:
-        assert again.trainer.step == 0 and len(again.store) == 4 and again.versions.held() == [1, 4]
+        assert again.trainer.step == 0 and len(again.pending()) == 4 and again.versions.held() == [1, 4]
         state = again.trainer.model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in start.items())
         assert not (run_dir / "metrics.jsonl").read_text().count('"kind": "train"')
@@ -311,7 +316,7 @@ def test_unfinished_and_unrecorded_checkpoints_are_ignored_and_cleared(tmp_path)
         state = again.trainer.model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in weights.items())
         assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
-        assert len(again.store) == 2  # step 2's groups are pending again
+        assert len(again.pending()) == 2  # step 2's groups are pending again
     finally:
         again.close()
 
@@ -393,7 +398,7 @@ def test_resume_settings_keep_what_defines_the_run(tmp_path):
         parse_config(["--resume", str(tmp_path / "nothing")])
     # A learner built directly from a config is held to the same rule.
     with pytest.raises(ValueError, match="group_size"):
-        Learner(LearnerConfig(**{**settings_for(run_dir, resume=run_dir), "group_size": 8}), log=lambda _m: None)
+        Learner(LearnerConfig(**{**settings_for(run_dir, resume=run_dir), "group_size": 8}))
 
 
 def test_resume_existing_continues_a_run_and_starts_a_fresh_one(tmp_path):
@@ -405,3 +410,17 @@ def test_resume_existing_continues_a_run_and_starts_a_fresh_one(tmp_path):
     new_learner(run_dir).close()
     again = parse_config(["--run-dir", str(run_dir), "--model", "tiny", "--resume-existing"])
     assert again.resume == run_dir and again.group_size == G  # the stored run's settings come back
+
+
+def test_a_database_of_an_older_schema_is_refused_by_name(tmp_path):
+    import sqlite3
+
+    from heterorl.server.resume import plan_run
+
+    run_dir = tmp_path / "run"
+    new_learner(run_dir).close()
+    conn = sqlite3.connect(run_dir / DB_NAME)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with pytest.raises(ValueError, match="older heterorl"):
+        plan_run(LearnerConfig(**settings_for(run_dir, resume=run_dir)))

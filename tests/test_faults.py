@@ -60,7 +60,7 @@ class RecordingSampler:
     def __init__(self, target: str, model_dir: Path, seed: int = 0, batch: int = 2, resend_every: int = 4):
         self.target, self.model_dir, self.seed, self.batch, self.resend_every = target, model_dir, seed, batch, resend_every
         self.stop = threading.Event()
-        self.client = LearnerClient(target, FAST_RETRY, log=lambda _m: None, stop=self.stop)
+        self.client = LearnerClient(target, FAST_RETRY, stop=self.stop)
         self.sampler_id = ""
         self.acked: dict[str, int] = {}        # lease id -> status of its first acknowledgement
         self.ack_times: list[float] = []
@@ -305,7 +305,10 @@ def kill_samplers(processes: Processes, target: str, count: int, rng: random.Ran
     lived = []
     for victim in victims:
         deadline = time.time() + 180
-        while "loaded version" not in victim.log_path.read_text():
+        while True:  # it has loaded weights once its heartbeat reports a version
+            found = {s.name: s for s in status(target).samplers}.get(victim.log_path.stem)
+            if found is not None and found.version > 0:
+                break
             assert time.time() < deadline and victim.poll() is None, victim.log_path.read_text()[-2000:]
             time.sleep(0.05)
         started = time.time()
@@ -333,7 +336,7 @@ def run_sampler_kills(processes: Processes, run_dir: Path, count: int, seed: int
     # The steady sampler alone carries on; the victims' leases run out and are leased to it.
     step = wait_for_step(target, status(target).step + 3, learner)
     deadline = time.time() + 60
-    while not read_only_query(run_dir, "SELECT 1 FROM leases WHERE state = 'expired'"):
+    while not read_only_query(run_dir, "SELECT 1 FROM leases WHERE state = 'released'"):
         assert time.time() < deadline, "no lease of a killed sampler expired and was leased again"
         time.sleep(0.2)
     wait_for_step(target, step + 2, learner)
@@ -343,8 +346,8 @@ def run_sampler_kills(processes: Processes, run_dir: Path, count: int, seed: int
     books = check_books(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["groups_accepted"] == summary["groups_trained"] + summary["groups_pending"] + summary["groups_dropped_stale"]
-    # Every lease that expired had its prompt leased again under a new id (and check_books: trained at most once).
-    expired = read_only_query(run_dir, "SELECT lease_id, prompt_index FROM leases WHERE state = 'expired'")
+    # Every released lease had its prompt leased again under a new id (and check_books: trained at most once).
+    expired = read_only_query(run_dir, "SELECT lease_id, prompt_index FROM leases WHERE state = 'released'")
     for lease_id, prompt in expired:
         again = read_only_query(run_dir, "SELECT lease_id FROM leases WHERE prompt_index = ? AND lease_id != ?", (prompt, lease_id))
         assert again, f"the prompt of expired lease {lease_id} was never leased again"
@@ -380,6 +383,12 @@ def run_learner_kills(processes: Processes, run_dir: Path, model_dir: Path, mode
         for i, mode in enumerate(modes):
             wait_for_step(target, (status(target).step if i else 0) + 4, learner)
             accepted_real = {s.name: s.groups_accepted for s in status(target).samplers}.get("real", 0)
+            if i == 0:
+                deadline = time.time() + 120
+                while not (ids := [s.sampler_id for s in status(target).samplers if s.name == "real"]):
+                    assert time.time() < deadline and real.poll() is None, real.log_path.read_text()[-3000:]
+                    time.sleep(0.2)
+                (real_id,) = ids
             seen = ""
             if mode == "checkpoint":
                 seen = kill_in_checkpoint_write(learner, run_dir)
@@ -433,7 +442,8 @@ def run_learner_kills(processes: Processes, run_dir: Path, model_dir: Path, mode
                 results[-1]["real_accepted_before"]:
             assert time.time() < deadline and real.poll() is None, real.log_path.read_text()[-3000:]
             time.sleep(0.2)
-        assert "registering again" not in real.log_path.read_text()
+        # ... under the id it registered with first: it never had to register again.
+        assert [s.sampler_id for s in status(target).samplers if s.name == "real"] == [real_id]
         # Last: kill once more, stop the samplers, resume with nothing left to train and compare the weights in
         # fp32, bit for bit, with the checkpoint it resumed from.
         learner.kill()

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from heterorl.node.lag import LagPolicy, lognormal_lag
-from heterorl.node.sampler import SamplerConfig
+from heterorl.node.config import SamplerConfig
 
 
 def test_no_lag_refreshes_whenever_newer():

@@ -28,13 +28,14 @@ import pytest
 import torch
 
 from heterorl.common import codec
+from heterorl.common.contract import MAX_MESSAGE_BYTES
 from heterorl.common.model import resolve_model
 from heterorl.common.weights import ENCODING_ANCHOR, ENCODING_DELTA, WeightsCorrupt
 from heterorl.node.client import LearnerClient, RetryPolicy
 from heterorl.node.engine import SamplingSettings, TransformersEngine
 from heterorl.server.config import LearnerConfig
 from heterorl.server.learner import Learner
-from heterorl.server.service import MAX_MESSAGE_BYTES, LearnerService
+from heterorl.server.service import LearnerService
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
@@ -250,10 +251,11 @@ class Served:
     port: int
     tamper: ChunkTamper
     sampler_id: str
+    model_dir: Path
     published: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # our own copy of each version
 
     def client(self, target: str | None = None) -> LearnerClient:
-        return LearnerClient(target or f"127.0.0.1:{self.port}", retry=FAST_RETRY, log=lambda _m: None)
+        return LearnerClient(target or f"127.0.0.1:{self.port}", retry=FAST_RETRY)
 
     def rebuilt(self, have: int, payload: bytes | bytearray) -> dict[str, torch.Tensor]:
         """Apply a payload to our copy of version `have` (0: zeros) the way a bf16 sampler would."""
@@ -271,7 +273,7 @@ def served(tiny_cache, tmp_path_factory):
         port=0, run_dir=root / "run", model=str(model_dir), reward="digit_fraction", group_size=2,
         groups_per_step=1, max_new_tokens=4, eval_size=0, chunk_bytes=CHUNK, keep_versions=4,
     )
-    learner = Learner(config, log=lambda _m: None)
+    learner = Learner(config)
     published = {1: learner.trainer.snapshot()}
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):  # versions 2, 3, 4
@@ -288,10 +290,10 @@ def served(tiny_cache, tmp_path_factory):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        client = LearnerClient(f"127.0.0.1:{port}", retry=FAST_RETRY, log=lambda _m: None)
+        client = LearnerClient(f"127.0.0.1:{port}", retry=FAST_RETRY)
         sampler_id = client.register("transfer-test", "transformers", "cpu", 1, "test").sampler_id
         client.close()
-        yield Served(learner, port, tamper, sampler_id, published)
+        yield Served(learner, port, tamper, sampler_id, model_dir, published)
     finally:
         server.stop(0)
 
@@ -453,7 +455,7 @@ SAMPLING = SamplingSettings(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=
 
 
 def test_engine_never_runs_weights_that_do_not_hash_to_the_published_digest(served, tamper):
-    engine = TransformersEngine(served.learner.model_dir)
+    engine = TransformersEngine(served.model_dir)
     client = served.client()
 
     def fetch(have: int, want: int):
@@ -522,7 +524,7 @@ def _peak_extra_rss(fn: Callable[[], object]) -> int:
 def test_engine_applies_payloads_in_place_without_a_full_extra_copy(served):
     """Peak extra memory of a load: the decompressed container the codec reads from, plus one tensor-sized
     temporary for the bf16 to fp32 step and one for hashing, plus allocator slack; never a copy of the model."""
-    engine = TransformersEngine(served.learner.model_dir)
+    engine = TransformersEngine(served.model_dir)
     client = served.client()
     anchor = client.fetch_weights(served.sampler_id, have_version=0, want_version=3)
     delta = client.fetch_weights(served.sampler_id, have_version=3, want_version=4)

@@ -101,7 +101,7 @@ def test_the_learner_keeps_a_lying_samplers_groups_aside_and_reports_it(tiny_cac
     learner = Learner(LearnerConfig(
         port=0, run_dir=tmp_path / "run", model="tiny", reward="digit_fraction", group_size=4, groups_per_step=2,
         max_new_tokens=6, eval_size=0, max_inflight_groups=64, verify_first=4, quarantine_after=2, threads=1,
-    ), log=lambda _m: None)
+    ))
     try:
         payload = learner.versions.payload(0, 1)
         engine = TransformersEngine(resolve_model("tiny", cache=tiny_cache), seed=3)
@@ -117,13 +117,16 @@ def test_the_learner_keeps_a_lying_samplers_groups_aside_and_reports_it(tiny_cac
             learner.submit(Submission(record.sampler_id, lease.lease_id, 1, completions))
         import threading
 
-        kept = learner._screen(learner._wait_for_groups(threading.Event()))
-        kept += learner._screen(learner._wait_for_groups(threading.Event()))
+        from heterorl.server import loop
+
+        kept = loop.screen(learner, loop.wait_for_groups(learner, threading.Event()))
+        kept += loop.screen(learner, loop.wait_for_groups(learner, threading.Event()))
         assert {g.sampler_id for g in kept} == {honest.sampler_id} and len(kept) == 2
-        status = {s["name"]: s for s in learner.status()["samplers"]}
-        assert status["liar"]["quarantined"] and status["liar"]["logprob_mismatched"] == 2
-        assert not status["honest"]["quarantined"] and status["honest"]["logprob_checked"] == 2
-        assert status["honest"]["logprob_mean_diff"] < 1e-3
-        assert learner.trust.of(liar.sampler_id).held_aside == 2  # caught groups are never trained
+        status = learner.status()
+        views = {s.name: s for s in status.samplers}
+        assert views["liar"].quarantined and views["liar"].logprob_mismatched == 2
+        assert not views["honest"].quarantined and views["honest"].logprob_checked == 2
+        assert views["honest"].logprob_mean_diff < 1e-3
+        assert status.groups_dropped_stale == 2  # caught groups are never trained: dropped, and counted
     finally:
         learner.close()

@@ -181,6 +181,44 @@ def test_truncated_sampling_is_reported_and_recomputed_alike(setup):
         assert (reported <= 1e-6).all()
 
 
+def test_stop_strings_end_completions_alike_in_both_engines(setup):
+    """The run's stop strings, in both engines: greedy completions identical (tokens, log-probs, text, finish
+    reason), each the free completion cut right after its first stop string; sampled vLLM completions report
+    exactly the tokens kept, with log-probs the learner reproduces."""
+    from heterorl.node.engine_base import SamplingSettings, cut_at_stop
+    from heterorl.v1 import learner_pb2 as pb
+
+    free = setup.vllm.generate(setup.prompts, 1, setup.greedy)
+    text = "".join(g[0].text for g in free)
+    stop = (text[len(text) // 3], text[len(text) // 2 : len(text) // 2 + 2])  # a character and a pair that occur
+    greedy = SamplingSettings(1.0, 1.0, 1, 24, stop=stop)
+    stopped = 0
+    for (f,), (v,), (h,) in zip(free, setup.vllm.generate(setup.prompts, 1, greedy),
+                                setup.hf.generate(setup.prompts, 1, greedy), strict=True):
+        assert (v.token_ids, v.text, v.finish_reason) == (h.token_ids, h.text, h.finish_reason), (v.text, h.text)
+        assert v.logprobs == pytest.approx(h.logprobs, abs=1e-4)
+        end = cut_at_stop(f.token_ids, setup.hf.decode, stop)
+        if end is None:
+            assert v.token_ids == f.token_ids
+            continue
+        stopped += 1
+        assert v.token_ids == f.token_ids[:end] and v.finish_reason == pb.FINISH_REASON_STOP
+        assert any(v.text.endswith(s) for s in stop) and not any(s in setup.hf.decode(v.token_ids[:-1]) for s in stop)
+    assert stopped >= 2, f"only {stopped} greedy completions met a stop string"
+
+    temperature = 0.7
+    groups = setup.vllm.generate(setup.prompts, 4, SamplingSettings(temperature, 1.0, 0, 24, stop=stop))
+    for c in (c for g in groups for c in g):
+        assert len(c.logprobs) == len(c.token_ids) and c.text == setup.hf.decode(c.token_ids)
+        end = cut_at_stop(c.token_ids, setup.hf.decode, stop)
+        assert end in (None, len(c.token_ids)), "vLLM kept tokens past a stop string"
+        assert (c.finish_reason == pb.FINISH_REASON_STOP) == (end is not None or c.token_ids[-1] in setup.hf.eos_ids)
+    ours, reported = _reference_logprobs(_load_into(setup.model, setup.v2), setup.prompts, groups, temperature,
+                                         setup.pad_id)
+    diff = (ours - reported).abs()
+    assert float(diff.mean()) < MEAN_BOUND and float(diff.max()) < MAX_BOUND
+
+
 def test_bad_updates_never_reach_generation(setup):
     """A delta for another base is refused; a payload that hashes wrong leaves the engine at version 0 (it will
     not generate) until a good anchor arrives, after which it answers exactly as before."""

@@ -84,8 +84,17 @@ REWARDS: Mapping[str, RewardFn] = MappingProxyType(
 )
 
 
+def builtin_reward(name: str) -> RewardFn | None:
+    """The built-in reward called `name` (see REWARDS); None for an import path or any other name.
+
+    Imports nothing: samplers score with this, never with `get_reward`, so a learner cannot make a sampler
+    import a module by naming it. A reward that is not built in is scored on the learner alone.
+    """
+    return REWARDS.get(name) if isinstance(name, str) else None
+
+
 def get_reward(name: str) -> RewardFn:
-    """A reward by registry name (see REWARDS) or by import path 'package.module:function'."""
+    """A reward by registry name (see REWARDS) or by import path 'package.module:function' (the learner's side)."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         if not module_name or not attr:

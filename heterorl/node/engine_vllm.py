@@ -7,15 +7,19 @@ Why it is built this way:
   no files, no copy through a pipe. ``reload_weights`` re-runs vLLM's own post-load processing per layer (fused
   qkv / gate_up projections, the oneDNN repacking of linear weights on CPU), which a plain
   ``model.load_weights`` skips. The prefix cache is reset afterwards so no KV computed with old weights is reused.
-* One bf16 copy of the version. The codec applies an anchor or a delta in place to ``params`` (the published
-  bf16 tensors, HF checkpoint names); then the digest is computed in a second thread while the changed layers
+* One copy of the version in its published dtype (bf16 by default). The codec applies an anchor or a delta in
+  place to ``params`` (the published tensors, HF checkpoint names); then the digest is computed in a second thread while the changed layers
   are pushed into vLLM, which keeps its own weights in its compute dtype. Pushing converts one layer at a time;
   nothing else holds a full copy. The engine reports version 0 (and refuses to generate) from the start of an
   update until the digest matches; a payload the codec rejects never reaches vLLM, and after a digest mismatch
   only an anchor (which replaces every weight) brings the engine back.
 * Log-probs are vLLM's ``processed_logprobs``: after temperature and top-k/top-p, renormalized over the kept
-  tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine` for the exact rule the
+  tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine_base` for the exact rule the
   learner recomputes).
+* Stop strings: vLLM stops a sequence itself (``SamplingParams.stop``, the stop string kept in the output). With
+  the stop string included, vLLM's token ids end with the token that completes the stop string, exactly where
+  `heterorl.node.engine_base` ends a completion; the shared rule is applied to what vLLM returns all the same,
+  so both engines report the same tokens, log-probs, text and finish reason by construction.
 * Group integrity: ``generate`` and ``load_weights`` hold one lock and ``generate`` submits every group of a
   batch (``n = G`` per prompt) in one call, so all completions of a group come from the version reported.
 * Process settings: vLLM reads its switches from the environment; the engine sets the few it needs before vLLM
@@ -26,6 +30,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -39,12 +44,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from heterorl.common import codec
 from heterorl.common.model import load_tokenizer
-from heterorl.common.weights import ENCODING_DELTA, WeightsCorrupt, weight_tensors
-from heterorl.node.engine import ENGINE_VLLM, GeneratedCompletion, SamplingSettings, cut_at_stop
+from heterorl.common.weights import ENCODING_DELTA, weight_tensors
+from heterorl.node.engine_base import ENGINE_VLLM, EngineBase, GeneratedCompletion, SamplingSettings
 from heterorl.v1 import learner_pb2 as pb
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-VERSION_DTYPE = torch.bfloat16  # what the learner publishes and hashes
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,12 @@ def _update_groups(names: list[str]) -> dict[str, str]:
     return groups
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     name = ENGINE_VLLM
 
-    def __init__(self, model_dir: Path, seed: int = 0, options: VLLMOptions | None = None):
+    def __init__(self, model_dir: Path, seed: int = 0, options: VLLMOptions | None = None,
+                 weights_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(load_tokenizer(model_dir), weights_dtype)
         self.options = options or VLLMOptions()
         _prepare_process_env()
         from vllm import LLM  # imported late: it takes seconds and needs the environment above
@@ -127,16 +133,12 @@ class VLLMEngine:
 
         model_dir = Path(model_dir)
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        with torch.device("meta"):  # names and shapes only; the bf16 copy below is the one real allocation
+        with torch.device("meta"):  # names and shapes only; the copy below is the one real allocation
             skeleton = AutoModelForCausalLM.from_config(config)
         self._vocab_size = int(skeleton.get_input_embeddings().weight.shape[0])
-        self.params = {n: torch.empty(t.shape, dtype=VERSION_DTYPE) for n, t in weight_tensors(skeleton).items()}
+        self.params = {n: torch.empty(t.shape, dtype=weights_dtype) for n, t in weight_tensors(skeleton).items()}
         del skeleton
         self._groups = _update_groups(list(self.params))
-        self.tokenizer = load_tokenizer(model_dir)
-        eos = self.tokenizer.eos_token_id
-        self.eos_ids = {int(eos)} if eos is not None else set()
-        self.version = 0  # 0: no verified weights yet; never generate then
         self.last_apply: ApplyTiming | None = None
         self._lock = threading.Lock()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-digest")
@@ -202,16 +204,11 @@ class VLLMEngine:
         with self._lock:
             if self._llm is None:
                 raise RuntimeError("the vLLM engine is closed")
-            if encoding == ENCODING_DELTA and base_version != self.version:
-                raise WeightsCorrupt(f"delta from v{base_version} cannot apply to v{self.version}")
-            self.version = 0  # until the hash says otherwise (and vLLM holds them), not a published version
+            self._begin_update(encoding, version, base_version)  # until verified (and in vLLM): version 0
             started = time.perf_counter()
-            try:
-                codec.apply_(memoryview(payload), self.params)  # validates everything before changing anything
-            except ValueError as err:
-                raise WeightsCorrupt(f"version {version} payload rejected by the codec: {err}") from err
+            self._apply_payload(payload, self.params, version)  # validates everything before changing anything
             decoded = time.perf_counter()
-            hashing = self._hasher.submit(_timed_digest, self.params)
+            hashing = self._hasher.submit(self._timed_digest)
             try:
                 # Which tensors the payload left alone; read here, beside the hash (a delta's table is small).
                 same = ({n for n, t in codec.inspect(memoryview(payload)).tensors.items() if t.method == codec.SAME}
@@ -223,11 +220,13 @@ class VLLMEngine:
                 pushed = time.perf_counter()
             finally:
                 digest, verify_s = hashing.result()  # never leave the hash reading tensors a later update writes
-            if digest != weights_sha256:
-                raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published")
+            self._verified(digest, weights_sha256, version)
             self.last_apply = ApplyTiming(decoded - started, verify_s, pushed - decoded,
                                           time.perf_counter() - started, len(names))
-            self.version = version
+
+    def _timed_digest(self) -> tuple[str, float]:
+        started = time.perf_counter()
+        return self._digest(self.params), time.perf_counter() - started
 
     def _push(self, names: list[str]) -> None:
         llm = self._llm
@@ -281,21 +280,13 @@ class VLLMEngine:
                                        f"{0 if out.logprobs is None else len(out.logprobs)} log-probs "
                                        f"for {len(tokens)} tokens")
                 logprobs = [float(step[tok].logprob) for step, tok in zip(out.logprobs, tokens)]
-                finish = _FINISH[out.finish_reason]
-                stop_at = cut_at_stop(tokens, self._decode, sampling.stop)
-                if stop_at is not None and stop_at < len(tokens):  # same cut as the transformers engine
-                    tokens, logprobs, finish = tokens[:stop_at], logprobs[:stop_at], pb.FINISH_REASON_STOP
-                group.append(GeneratedCompletion(tokens, logprobs, finish, self._decode(tokens)))
+                completion = self.completion(tokens, logprobs, sampling)  # the rule the other engine follows
+                if _FINISH[out.finish_reason] == pb.FINISH_REASON_STOP and len(completion.token_ids) == len(tokens):
+                    # vLLM saw a stop string its incremental decoding found and a full decode does not: its call
+                    completion = dataclasses.replace(completion, finish_reason=pb.FINISH_REASON_STOP)
+                group.append(completion)
             groups.append(group)
         return groups
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def _timed_digest(params: dict[str, torch.Tensor]) -> tuple[str, float]:
-    started = time.perf_counter()
-    return codec.digest(params, dtype=VERSION_DTYPE), time.perf_counter() - started
 
 
 def _refresh_tied_layers(worker) -> int:

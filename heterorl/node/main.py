@@ -1,14 +1,23 @@
-"""`heterorl-sampler`: generate and score completions for a learner, from its address alone."""
+"""`heterorl-sampler`: generate and score completions for a learner, from its address alone.
+
+Exit codes: 0 stopped (signal, --max-groups, or the learner unreachable past --give-up-s); 1 the learner refused
+a call this sampler cannot recover from; 2 bad settings or a run this sampler cannot serve (e.g. its weights'
+dtype); 3 the learner refused this sampler's credentials.
+"""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
-import time
+
+import grpc
 
 from heterorl.common import config as config_lib
-from heterorl.node.sampler import SamplerConfig
+from heterorl.node.config import SamplerConfig
+
+log = logging.getLogger("heterorl.node")
 
 
 def parse_config(argv: list[str] | None = None) -> SamplerConfig:
@@ -19,38 +28,49 @@ def parse_config(argv: list[str] | None = None) -> SamplerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, force=True,
+        format=f"[sampler {config.name} %(asctime)s] %(message)s", datefmt="%H:%M:%S",
+    )
     import torch
 
+    from heterorl.common.contract import refusal_reason
     from heterorl.node.client import AuthenticationFailed
-    from heterorl.node.sampler import Sampler
+    from heterorl.node.sampler import Sampler, UnsupportedRun
 
     if config.threads:
         torch.set_num_threads(config.threads)
 
-    def log(message: str) -> None:
-        print(f"[sampler {config.name} {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log(f"received signal {signum}; stopping after the current batch")
+        log.info("received signal %d; stopping after the current batch", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        sampler = Sampler(config, stop, log=log)
+        sampler = Sampler(config, stop)
     except ValueError as err:  # an unreadable or malformed token, certificate or key file
         print(f"heterorl-sampler: error: {err}", file=sys.stderr)
         return 2
     try:
         stats = sampler.run()
     except AuthenticationFailed as err:
-        log(f"stopping: {err}. Check --token-file / HETERORL_TOKEN against the learner's --tokens-file.")
+        log.error("stopping: %s. Check --token-file / HETERORL_TOKEN against the learner's --tokens-file.", err)
         return 3
-    log(
-        f"stopped: {stats.groups_acked} groups acknowledged, {stats.groups_refused} refused, "
-        f"{stats.versions_loaded} versions loaded, {stats.tokens_generated} tokens generated"
+    except UnsupportedRun as err:
+        log.error("stopping: %s", err)
+        return 2
+    except grpc.RpcError as err:
+        reason = refusal_reason(err)
+        code = err.code().name if isinstance(err, grpc.Call) else "no status"
+        details = err.details() if isinstance(err, grpc.Call) else str(err)
+        log.error("stopping: the learner refused (%s, %s): %s", code, reason.value if reason else "no reason", details)
+        return 1
+    log.info(
+        "stopped: %d groups acknowledged, %d refused, %d versions loaded, %d tokens generated",
+        stats.groups_acked, stats.groups_refused, stats.versions_loaded, stats.tokens_generated,
     )
     return 0
 

@@ -4,7 +4,7 @@ A checkpoint of step s is the directory RUN_DIR/train_state/step-<s>/ holding wh
 continue bit for bit: `model.safetensors` (fp32 master weights), `optimizer.pt` (AdamW moments and step counts),
 `rng.pt` (torch and Python RNG states) and `meta.json` (step, version, run id). Everything else a resume needs
 (leases, pending groups, the sampler registry, version numbers) is in the run database, which also records which
-directory is the current checkpoint.
+directory is the current checkpoint; `heterorl.server.resume` puts the two together.
 
 Writing: files go into `step-<s>.tmp/`, each is fsynced, the directory is fsynced and renamed to `step-<s>/`,
 and the parent is fsynced; only then does the learner record the checkpoint (with a manifest of sizes and CRC32s
@@ -14,7 +14,6 @@ leaves either the old checkpoint recorded and intact, or the new one; `remove_ot
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -26,15 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from heterorl.server.config import LearnerConfig
 
 TRAIN_STATE_DIR = "train_state"
 FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "meta.json")
-# Settings that define what the run's stored leases, groups and samplers mean; a resume may not change them.
-RUN_IDENTITY = (
-    "model", "task", "task_path", "task_options", "reward", "seed", "group_size", "max_new_tokens",
-    "temperature", "top_p", "top_k",
-)
 
 
 class CheckpointError(ValueError):
@@ -139,40 +132,23 @@ def remove_others(root: Path, keep: Path | None) -> list[str]:
     return removed
 
 
-def _stored_config(stored: dict[str, Any]) -> LearnerConfig:
-    names = {f.name for f in dataclasses.fields(LearnerConfig)}
-    return LearnerConfig(**{k: v for k, v in stored.items() if k in names and k != "resume"})
+def export_model(run_dir: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """The trained weights as a Hugging Face directory RUN_DIR/checkpoint, usable as `--model` of a later run.
 
-
-def check_same_run(stored: dict[str, Any], config: LearnerConfig) -> None:
-    """ValueError if `config` changes a RUN_IDENTITY setting of the run whose stored config is `stored`."""
-    base = _stored_config(stored)
-    for name in RUN_IDENTITY:
-        if getattr(config, name) != getattr(base, name):
-            raise ValueError(
-                f"--resume cannot change {name} (the run has {getattr(base, name)!r}, asked for {getattr(config, name)!r})"
-            )
-
-
-def resume_config(stored: dict[str, Any], requested: LearnerConfig, explicit: set[str]) -> LearnerConfig:
-    """The config of a resumed run: the stored one, with the settings given explicitly now applied on top.
-
-    Settings in RUN_IDENTITY must not change (stored leases, groups and samplers depend on them). The run
-    directory is the one being resumed. With no port given and the stored port 0, the run keeps the port it
-    last served on (from RUN_DIR/learner.json), so its samplers find it again.
+    The previous directory is moved aside before the new one takes its name, so a crash leaves one of them.
     """
-    if requested.resume is None:
-        raise ValueError("resume_config needs a config with resume set")
-    names = {f.name for f in dataclasses.fields(LearnerConfig)}
-    base = _stored_config(stored)
-    changes = {name: getattr(requested, name) for name in sorted(explicit & names - {"resume", "run_dir"})}
-    check_same_run(stored, dataclasses.replace(base, **changes))
-    run_dir = Path(requested.resume)
-    if "run_dir" in explicit and Path(requested.run_dir).resolve() != run_dir.resolve():
-        raise ValueError(f"--run-dir {requested.run_dir} and --resume {run_dir} name different runs")
-    if "port" not in explicit and base.port == 0:
-        try:
-            changes["port"] = int(json.loads((run_dir / "learner.json").read_text())["port"])
-        except (OSError, ValueError, KeyError):
-            pass  # never served: any free port will do
-    return dataclasses.replace(base, **changes, run_dir=run_dir, resume=run_dir)
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if old.exists():  # left by a crash between the two renames below
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(final)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

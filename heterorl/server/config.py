@@ -21,6 +21,8 @@ class LearnerConfig:
     task_path: Path | None = field(None, "JSONL file with question/answer lines (task 'jsonl')")
     task_options: str = field("", 'task options as a JSON object, e.g. \'{"low": 0, "high": 9}\' for arithmetic')
     reward: str | None = field(None, "reward function name or 'module:function' (default: the task's)")
+    reward_timeout_s: float = field(10.0, "seconds a 'module:function' reward may take per group before the group "
+                                          "is refused (it runs in a worker process that is then replaced)")
     seed: int = field(0, "seed for the prompt stream, model init of 'tiny' and sampling on the learner")
     # RL settings
     loss: str = field("gepo", "gepo | grpo | gspo | dr_grpo | reinforce")
@@ -40,6 +42,8 @@ class LearnerConfig:
     top_p: float = field(1.0, "nucleus sampling mass (1 disables)")
     top_k: int = field(0, "top-k truncation (0 disables)")
     max_new_tokens: int = field(16, "most tokens per completion")
+    stop: list[str] = field([], "stop strings: a completion ends at the first one it produces")
+    max_prompt_tokens: int = field(1024, "longest prompt in tokens; longer prompts of the task are skipped")
     # leases and flow control
     lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group")
     max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
@@ -91,6 +95,10 @@ class LearnerConfig:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (1 <= self.max_new_tokens <= 32768, "max_new_tokens must be in 1..32768"),
+            (1 <= self.max_prompt_tokens <= 1 << 20, "max_prompt_tokens must be in 1..1048576"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (len(self.stop) <= 16, "at most 16 stop strings"),
+            (self.reward_timeout_s > 0, "reward_timeout_s must be > 0"),
             (self.lease_ttl_s > 0, "lease_ttl_s must be > 0"),
             (self.max_inflight_groups >= 0, "max_inflight_groups must be >= 0"),
             (self.max_steps >= 0, "max_steps must be >= 0"),

@@ -5,7 +5,8 @@ What lives here, and why it is enough to resume:
 - `run`: the run id and its config; a resumed run keeps both.
 - `samplers`: the registry. A restarted learner still knows every sampler id, so samplers carry on with their ids
   and the outbox they resend (groups of leases from before the crash) is accepted.
-- `leases`: every lease and its state; the prompt stream continues after the highest prompt index ever leased.
+- `leases`: every lease and its state, in the words of `heterorl.server.leases.LeaseState`, written only by
+  `LeaseBook` (one path for memory and database). Finished leases live here only; a resume loads the live ones.
 - `groups`: each accepted group, committed before its sampler is acknowledged, kept until a checkpoint covers the
   step that trained it (until then a crash may still take that step's weights away, and the group is trained
   again from here).
@@ -14,10 +15,7 @@ What lives here, and why it is enough to resume:
 - `checkpoints`: which train-state directory holds the weights of which step and version. A resume loads the
   newest row; a directory that was written but not yet recorded does not exist as far as the run is concerned.
 
-Changes are queued in order (under the learner's lock) and committed in batches (group commit, each change in its
-own savepoint) by whichever waiting thread gets there first: a gRPC handler queues its change, releases the
-learner's lock and waits for the commit before it answers, so an acknowledgement always follows a commit; alone, a
-handler commits its own change with no hand-over between threads, and under load one fsync serves many changes.
+Changes are queued in order and committed in batches (`heterorl.server.commits`).
 
 `synchronous`: "full" (default) syncs the WAL on every commit, so an acknowledged group survives a power cut;
 "normal" does not sync on commit: committed changes survive any crash of the learner process (kill -9, OOM), and
@@ -29,35 +27,35 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from heterorl.server.commits import CommitQueue, DurabilityError, Ticket
+from heterorl.server.leases import Lease, LeaseState
 from heterorl.server.store import StoredGroup, encode_group
 
-DB_NAME = "run.db"
-SCHEMA_VERSION = 1
-SYNC_MODES = ("full", "normal")
+__all__ = ["DB_NAME", "DurabilityError", "RunDB", "RunState", "Ticket", "read_only_query"]
 
-# Lease states as stored. In memory a lease also becomes "expired" before its prompt is leased again; here it
-# stays "outstanding" until then (its expiry time says the rest), and "expired" means "its prompt was re-leased".
-STORED_STATES = ("outstanding", "accepted", "trained", "dropped", "expired")
+DB_NAME = "run.db"
+SCHEMA_VERSION = 2  # 2: one lease-state vocabulary (LeaseState) with `released`, and a lease `serial`
+SYNC_MODES = ("full", "normal")
 
 _SCHEMA = """
 CREATE TABLE run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE samplers (sampler_id TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE leases (
     lease_id TEXT PRIMARY KEY,
+    serial INTEGER NOT NULL UNIQUE,  -- issue order
     prompt_index INTEGER NOT NULL,
     sampler_id TEXT NOT NULL,
     issued_at REAL NOT NULL,
     expires_at REAL NOT NULL,
-    state TEXT NOT NULL,
+    state TEXT NOT NULL,         -- heterorl.server.leases.LeaseState
     step INTEGER                 -- the optimizer step that trained (or dropped) the group
 );
+CREATE INDEX leases_live ON leases (state) WHERE state IN ('outstanding', 'expired', 'accepted');
 CREATE TABLE groups (
     seq INTEGER PRIMARY KEY,     -- acceptance order: the order the trainer takes groups in
     lease_id TEXT NOT NULL UNIQUE,
@@ -83,21 +81,19 @@ CREATE TABLE checkpoints (
     created_at REAL NOT NULL
 );
 """
-
-
-class DurabilityError(RuntimeError):
-    """The database could not commit; the learner must stop rather than acknowledge what it cannot keep."""
+_LIVE = "('outstanding', 'expired', 'accepted')"
+_TAKEN = "('outstanding', 'expired')"  # states a group may be accepted from
 
 
 @dataclass(frozen=True)
 class LeaseRow:
     lease_id: str
+    serial: int
     prompt_index: int
     sampler_id: str
     issued_at: float
     expires_at: float
-    state: str
-    step: int | None = None
+    state: LeaseState
 
 
 @dataclass(frozen=True)
@@ -121,46 +117,29 @@ class CheckpointRow:
     created_at: float
 
 
+@dataclass(frozen=True)
+class SamplerLeaseCounts:
+    leased: int
+    accepted: int  # leases whose group came back (accepted, trained or dropped)
+
+
 @dataclass
 class RunState:
-    """Everything a resume reads back (after `rewind`)."""
+    """Everything a resume reads back (after `rewind`): the live part in full, the rest as counts."""
 
     run_id: str
     config: dict[str, Any]
     samplers: dict[str, dict[str, Any]]
-    leases: list[LeaseRow]
+    live_leases: list[LeaseRow]        # outstanding, expired and accepted
+    lease_counts: dict[LeaseState, int]
+    sampler_leases: dict[str, SamplerLeaseCounts]
+    next_prompt_index: int             # after the highest prompt ever leased
+    next_serial: int                   # after the highest lease serial
     pending: list[GroupRow]            # accepted, not trained, in acceptance order
     newest_version: int                # the highest version number ever published
     versions: dict[int, str]           # version -> weights digest
     checkpoint: CheckpointRow | None   # the newest recorded checkpoint
     last_seen_alive: float             # time of the newest committed event: the learner was alive then
-
-
-@dataclass
-class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
-    durable: bool
-    done: bool = False
-    result: Any = None
-    error: BaseException | None = None
-
-
-class Ticket:
-    """A queued change; `wait()` returns once it is committed (or raises why it was not)."""
-
-    def __init__(self, db: RunDB, job: _Job):
-        self._db = db
-        self._job = job
-
-    def wait(self) -> Any:
-        self._db._commit_through(self._job)
-        if self._job.error is not None:
-            raise self._job.error
-        return self._job.result
-
-    @property
-    def committed(self) -> bool:
-        return self._job.done and self._job.error is None
 
 
 class RunDB:
@@ -170,30 +149,24 @@ class RunDB:
         if synchronous not in SYNC_MODES:
             raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.path = Path(path)
-        self.synchronous = synchronous
         if _create and self.path.exists():
             raise FileExistsError(f"{self.path} already exists")
         if not _create and not self.path.exists():
             raise FileNotFoundError(f"no run database at {self.path}")
-        # One connection, used by one thread at a time: whichever waiter is committing (see _commit_through).
-        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self._conn.execute("PRAGMA busy_timeout=10000")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        conn.execute("PRAGMA busy_timeout=10000")
         if _create:
-            self._conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.executescript("BEGIN;" + _SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:
-            self._conn.close()
-            raise ValueError(f"{self.path}: schema version {version}, this learner reads version {SCHEMA_VERSION}")
-        self._queue: list[_Job] = []
-        self._cond = threading.Condition()
-        self._committing = False
-        self._closed = False
-        self.failed: BaseException | None = None
-        self.commits = 0  # transactions committed (each may hold many queued changes)
-
-    # ---- opening ---------------------------------------------------------------------------------------------
+            conn.close()
+            older = "an older heterorl" if version < SCHEMA_VERSION else "a newer heterorl"
+            raise ValueError(f"{self.path} was written by {older} (run database schema {version}); this learner "
+                             f"reads schema {SCHEMA_VERSION} only: finish that run with the heterorl that started it, "
+                             "or start a new run in another --run-dir")
+        self._commits = CommitQueue(conn, self.path, synchronous)
 
     @classmethod
     def create(cls, path: Path, run_id: str, config: dict[str, Any], synchronous: str = "full") -> RunDB:
@@ -206,94 +179,28 @@ class RunDB:
     def open(cls, path: Path, synchronous: str = "full") -> RunDB:
         return cls(path, synchronous)
 
-    # ---- queueing and committing -----------------------------------------------------------------------------
+    # ---- the commit queue ------------------------------------------------------------------------------------
 
-    def write(self, fn: Callable[[sqlite3.Connection], Any], durable: bool = False) -> Ticket:
-        """Queue fn(connection) to run in commit order; `durable` forces it to disk whatever `synchronous` says.
+    def write(self, fn, durable: bool = False) -> Ticket:
+        return self._commits.write(fn, durable)
 
-        Cheap and never blocking, so callers queue under their own lock (which fixes the order) and wait for the
-        commit after releasing it. Never raises: once nothing can be committed, the ticket is failed already.
-        """
-        job = _Job(fn, durable)
-        with self._cond:
-            if self.failed is not None or self._closed:
-                why = f"failed earlier: {self.failed}" if self.failed is not None else "is closed"
-                job.error = DurabilityError(f"the run database {self.path} {why}")
-                job.done = True
-            else:
-                self._queue.append(job)
-        return Ticket(self, job)
+    @property
+    def failed(self) -> BaseException | None:
+        return self._commits.failed
 
-    def _commit_through(self, job: _Job) -> None:
-        """Return once `job` is committed. Group commit without a thread of its own: the first waiter to find
-        no commit under way commits everything queued so far in one transaction; waiters arriving meanwhile
-        queue up behind it and the next of them commits their batch. Alone, a waiter commits its own change
-        at once (no hand-over between threads); under load, one fsync serves many changes."""
-        while True:
-            with self._cond:
-                while not job.done and self._committing:
-                    self._cond.wait()
-                if job.done:
-                    return
-                self._committing = True
-                batch, self._queue = self._queue, []
-            try:
-                self._commit(batch)
-            finally:
-                with self._cond:
-                    self._committing = False
-                    self._cond.notify_all()
+    @property
+    def commits(self) -> int:
+        return self._commits.commits
 
-    def _commit(self, batch: list[_Job]) -> None:
-        if not batch:
-            return
-        conn = self._conn
-        single = len(batch) == 1  # the common case when idle: no savepoint needed
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                if not single:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    job.result = job.fn(conn)
-                except (sqlite3.IntegrityError, ValueError) as err:  # this change alone is refused
-                    job.error = err
-                    conn.execute("ROLLBACK" if single else "ROLLBACK TO job")
-                # anything else (I/O error, full disk, a damaged file) fails the whole batch below
-                if not single:
-                    conn.execute("RELEASE job")
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-            if self.synchronous != "full" and any(j.durable for j in batch):
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # syncs the WAL, then the database file
-            self.commits += 1
-        except BaseException as err:  # noqa: BLE001 - every waiter must learn the batch did not commit
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            with self._cond:
-                self.failed = err
-                rest, self._queue = self._queue, []
-            for job in batch + rest:
-                job.error = DurabilityError(f"commit to {self.path} failed: {err}")
-                job.done = True
-            return
-        with self._cond:
-            for job in batch:
-                job.done = True
+    def set_synchronous(self, synchronous: str) -> None:
+        """Change the commit mode (a resumed run may); call before any change is queued."""
+        if synchronous not in SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
+        self._commits.execute_when_idle(f"PRAGMA synchronous={synchronous.upper()}")
+        self._commits.synchronous = synchronous
 
     def close(self) -> None:
-        """Commit what is queued, then close the file; later changes fail with DurabilityError."""
-        with self._cond:
-            self._closed = True
-            last = self._queue[-1] if self._queue else None
-        if last is not None:
-            self._commit_through(last)
-        with self._cond:
-            while self._committing:
-                self._cond.wait()
-            self._conn.close()
+        self._commits.close()
 
     # ---- changes ---------------------------------------------------------------------------------------------
 
@@ -306,16 +213,27 @@ class RunDB:
         rows = [(json.dumps(r), sid) for sid, r in records.items()]
         return self.write(lambda c: c.executemany("UPDATE samplers SET record = ? WHERE sampler_id = ?", rows))
 
-    def issue_leases(self, leases: list[LeaseRow], reissued: list[str]) -> Ticket:
+    # The four lease changes below are called by LeaseBook only (heterorl.server.leases.LeaseJournal).
+
+    def issue_leases(self, leases: list[Lease], released: list[str]) -> Ticket:
         """New leases, and the expired leases whose prompts they took over."""
-        rows = [(l.lease_id, l.prompt_index, l.sampler_id, l.issued_at, l.expires_at, l.state, l.step) for l in leases]
-        old = [(lease_id,) for lease_id in reissued]
+        rows = [(l.lease_id, l.serial, l.prompt_index, l.sampler_id, l.issued_at, l.expires_at, l.state.value)
+                for l in leases]
+        old = [(lease_id,) for lease_id in released]
 
         def fn(c: sqlite3.Connection) -> None:
-            c.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            c.executemany("UPDATE leases SET state = 'expired' WHERE lease_id = ?", old)
+            c.executemany("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, NULL)", rows)
+            done = c.executemany("UPDATE leases SET state = 'released' WHERE lease_id = ? AND state = 'expired'",
+                                 old).rowcount
+            if done != len(old):
+                raise ValueError(f"{len(old) - done} of {len(old)} released leases were not expired in the database")
 
         return self.write(fn)
+
+    def expire_leases(self, lease_ids: list[str]) -> Ticket:
+        rows = [(lease_id,) for lease_id in lease_ids]
+        return self.write(lambda c: c.executemany(
+            "UPDATE leases SET state = 'expired' WHERE lease_id = ? AND state = 'outstanding'", rows))
 
     def accept_group(self, group: StoredGroup) -> Ticket:
         """An accepted group and its lease's new state (encoded at commit time, off the learner's lock)."""
@@ -325,18 +243,18 @@ class RunDB:
                    encode_group(group))
             c.execute("INSERT INTO groups (lease_id, sampler_id, prompt_index, policy_version, accepted_at, data) "
                       "VALUES (?, ?, ?, ?, ?, ?)", row)
-            changed = c.execute("UPDATE leases SET state = 'accepted' WHERE lease_id = ? AND state = 'outstanding'",
+            changed = c.execute(f"UPDATE leases SET state = 'accepted' WHERE lease_id = ? AND state IN {_TAKEN}",
                                 (group.lease_id,)).rowcount
             if changed != 1:
-                raise ValueError(f"lease {group.lease_id} is not outstanding in the database")
+                raise ValueError(f"lease {group.lease_id} is neither outstanding nor expired in the database")
 
         return self.write(fn)
 
-    def finish_leases(self, lease_ids: list[str], state: str, step: int) -> Ticket:
-        """Accepted leases trained (or dropped as too stale) at optimizer step `step`."""
-        if state not in ("trained", "dropped"):
+    def finish_leases(self, lease_ids: list[str], state: LeaseState, step: int) -> Ticket:
+        """Accepted leases trained (or dropped) at optimizer step `step`."""
+        if state not in (LeaseState.TRAINED, LeaseState.DROPPED):
             raise ValueError(f"a lease finishes as trained or dropped, not {state!r}")
-        rows = [(state, step, lease_id) for lease_id in lease_ids]
+        rows = [(state.value, step, lease_id) for lease_id in lease_ids]
 
         def fn(c: sqlite3.Connection) -> None:
             done = c.executemany("UPDATE leases SET state = ?, step = ? WHERE lease_id = ? AND state = 'accepted'",
@@ -352,7 +270,7 @@ class RunDB:
 
     def record_checkpoint(self, row: CheckpointRow) -> Ticket:
         """The checkpoint of `row.step` is complete on disk: make it the one to resume from, and drop the groups
-        whose training it now holds (and those dropped as stale)."""
+        whose training it now holds (and those dropped)."""
         values = (row.step, row.version, row.weights_sha256, row.path, row.metrics_bytes, json.dumps(row.manifest),
                   row.created_at)
 
@@ -380,6 +298,15 @@ class RunDB:
     def load(self) -> RunState:
         return self.write(_load).wait()
 
+    def stored_config(self) -> dict[str, Any]:
+        return self.write(lambda c: json.loads(c.execute("SELECT value FROM run WHERE key = 'config'").fetchone()[0])
+                          ).wait()
+
+    def lease_owner_and_state(self, lease_id: str) -> tuple[str, LeaseState] | None:
+        """(sampler id, state) of any lease of the run, in commit order with every queued change."""
+        rows = self.query("SELECT sampler_id, state FROM leases WHERE lease_id = ?", (lease_id,))
+        return (rows[0][0], LeaseState(rows[0][1])) if rows else None
+
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Rows of a read-only query, in commit order with every queued change (for status and tests)."""
         return self.write(lambda c: c.execute(sql, params).fetchall()).wait()
@@ -388,8 +315,14 @@ class RunDB:
 def _load(c: sqlite3.Connection) -> RunState:
     meta = dict(c.execute("SELECT key, value FROM run"))
     samplers = {sid: json.loads(record) for sid, record in c.execute("SELECT sampler_id, record FROM samplers")}
-    leases = [LeaseRow(*row) for row in c.execute(
-        "SELECT lease_id, prompt_index, sampler_id, issued_at, expires_at, state, step FROM leases")]
+    live = [LeaseRow(*row[:6], LeaseState(row[6])) for row in c.execute(
+        "SELECT lease_id, serial, prompt_index, sampler_id, issued_at, expires_at, state FROM leases "
+        f"WHERE state IN {_LIVE} ORDER BY serial")]
+    counts = {LeaseState(s): n for s, n in c.execute("SELECT state, COUNT(*) FROM leases GROUP BY state")}
+    per_sampler = {sid: SamplerLeaseCounts(n, done or 0) for sid, n, done in c.execute(
+        "SELECT sampler_id, COUNT(*), SUM(state IN ('accepted', 'trained', 'dropped')) FROM leases "
+        "GROUP BY sampler_id")}
+    top_index, top_serial = c.execute("SELECT MAX(prompt_index), MAX(serial) FROM leases").fetchone()
     pending = [GroupRow(*row) for row in c.execute(
         "SELECT g.lease_id, g.sampler_id, g.prompt_index, g.policy_version, g.accepted_at, g.data FROM groups g "
         "JOIN leases l ON l.lease_id = g.lease_id WHERE l.state = 'accepted' ORDER BY g.seq")]
@@ -407,7 +340,11 @@ def _load(c: sqlite3.Connection) -> RunState:
         run_id=meta["run_id"],
         config=json.loads(meta["config"]),
         samplers=samplers,
-        leases=leases,
+        live_leases=live,
+        lease_counts=counts,
+        sampler_leases=per_sampler,
+        next_prompt_index=(top_index + 1) if top_index is not None else 0,
+        next_serial=(top_serial + 1) if top_serial is not None else 1,
         pending=pending,
         newest_version=max(versions, default=0),
         versions=versions,

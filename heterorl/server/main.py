@@ -4,69 +4,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 import threading
-import time
-import tomllib
 from pathlib import Path
 
 from heterorl.common import config as config_lib
 from heterorl.server.config import LearnerConfig
 
+logger = logging.getLogger("heterorl.server")
 
-def parse_config(argv: list[str] | None = None) -> LearnerConfig:
-    """Flags and `--config FILE.toml`; with `--resume RUN_DIR` the run's stored config, with what was set now on top."""
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="heterorl-learner",
         description="The heterorl learner: owns the optimizer, leases prompts, publishes weight versions.",
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML file with any of the settings below")
     config_lib.add_flags(parser, LearnerConfig)
+    return parser
+
+
+def plan(argv: list[str] | None = None):
+    """Flags and `--config FILE.toml`, checked against RUN_DIR (heterorl.server.resume.plan_run): with `--resume`
+    the run's stored config with what was set now on top. Exits with a message on a bad setting or directory."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    from heterorl.server.resume import plan_run
+
     try:
-        config = config_lib.build(LearnerConfig, args.config, args)
-        if config.resume is None and config.resume_existing:
-            from heterorl.server.db import DB_NAME
-
-            if (config.run_dir / DB_NAME).exists():
-                config.resume = config.run_dir
-        if config.resume is not None:
-            from heterorl.server.checkpoint import resume_config
-            from heterorl.server.db import DB_NAME, RunDB
-
-            explicit = {k for k, v in vars(args).items() if v is not None and k != "config"}
-            if args.config is not None:
-                with open(args.config, "rb") as fh:
-                    explicit |= set(tomllib.load(fh))
-            db_path = Path(config.resume) / DB_NAME
-            if not db_path.exists():
-                raise ValueError(f"--resume {config.resume}: there is no run to resume ({DB_NAME} is missing)")
-            db = RunDB.open(db_path, config.db_sync)
-            try:
-                stored = db.load().config
-            finally:
-                db.close()
-            config = resume_config(stored, config, explicit)
+        requested = config_lib.build(LearnerConfig, args.config, args)
+        explicit = config_lib.explicit_settings(LearnerConfig, args.config, args)
+        return plan_run(requested, explicit)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    return config
 
 
-def log(message: str) -> None:
-    print(f"[learner {time.strftime('%H:%M:%S')}] {message}", flush=True)
+def parse_config(argv: list[str] | None = None) -> LearnerConfig:
+    """The effective config of a command line (the run database it may open is closed again)."""
+    checked = plan(argv)
+    if checked.db is not None:
+        checked.db.close()
+    return checked.config
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
-    from heterorl.server.auth import ServerSecurity
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[learner %(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stdout)
+    checked = plan(argv)
+    config = checked.config
+    from heterorl.server.security import ServerSecurity
 
     # Credentials and the bind policy are checked before the model is loaded, so a refusal is immediate.
     try:
-        security = ServerSecurity.from_config(config, log=log)
+        security = ServerSecurity.from_config(config)
         security.check_bind(config.host)
     except ValueError as err:
+        if checked.db is not None:
+            checked.db.close()
         print(f"heterorl-learner: error: {err}", file=sys.stderr)
         return 2
     # Imported late so `--help` answers without loading torch.
@@ -76,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log(f"received signal {signum}; finishing the current step and stopping")
+        logger.info("received signal %s; finishing the current step and stopping", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
     try:
-        learner = Learner(config, log=log)
-    except ValueError as err:  # a wrong run directory, or a checkpoint that does not match its database
+        learner = Learner(checked)
+    except ValueError as err:  # a reward that cannot load, or a checkpoint that does not match its database
         print(f"heterorl-learner: error: {err}", file=sys.stderr)
         return 2
     server, port = build_server(learner, config.host, config.port, security=security)
@@ -94,18 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"host": config.host, "port": port, "pid": os.getpid(), "run_id": learner.run_id})
     )
     address.with_suffix(".json.tmp").rename(address)  # readers never see half a file
-    log(f"serving heterorl.v1.Learner on {config.host}:{port} (run {learner.run_id}, dir {config.run_dir}; "
-        f"{security.describe()})")
+    logger.info("serving heterorl.v1.Learner on %s:%d (run %s, dir %s; %s)", config.host, port, learner.run_id,
+                config.run_dir, security.describe())
     try:
         summary = learner.run(stop)
     finally:
         server.stop(grace=2.0).wait()
         learner.close()
-    log(
-        f"done: {summary['steps']} steps, {summary['versions_published']} versions, accuracy "
-        f"{summary['base_accuracy']:.3f} -> {summary['final_accuracy']:.3f}; summary in "
-        f"{config.run_dir / 'summary.json'}"
-    )
+    logger.info("done: %d steps, %d versions, accuracy %.3f -> %.3f; summary in %s", summary["steps"],
+                summary["versions_published"], summary["base_accuracy"], summary["final_accuracy"],
+                config.run_dir / "summary.json")
     return 0
 
 

@@ -1,73 +1,59 @@
 """The gRPC face of the learner: validate every field, translate to the learner's types, answer precisely.
 
-Nothing from the network reaches `Learner` unchecked. Each refusal is a gRPC status with a message that names
-the field and the limit; it is counted learner-wide under a reason (`Status.rejections`) and, when the request
-names a sampler registered with the caller's credential, against that sampler too; the server keeps serving.
-Who may call at all (tokens, TLS) and how often is decided in auth.py.
+Nothing from the network reaches `Learner` unchecked (validate.py). Every refusal, whether decided here or raised
+by the learner as `Refused`, is answered with its gRPC status, a message that names the field and the limit, and
+its `Reason` as a `google.rpc.ErrorInfo` detail (heterorl/common/contract.py), so a sampler acts on the reason,
+never on the text. It is counted learner-wide by reason (`Status.rejections`) and, when the request names a sampler
+registered with the caller's credential, against that sampler too; the server keeps serving. Who may call at all
+is decided in tokens.py and security.py, how often in ratelimit.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
+import logging
 from concurrent import futures
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from heterorl.common.contract import MAX_MESSAGE_BYTES, Reason, error_status
 from heterorl.common.weights import iter_chunks
-from heterorl.server.auth import RateLimiter, Refusals, ServerSecurity, principal_of
-from heterorl.server.leases import LeaseError
-from heterorl.server.learner import Learner, SamplerRecord, Submission
+from heterorl.server.errors import Refused
+from heterorl.server.learner import Learner
+from heterorl.server.ratelimit import RateLimiter, Refusals
+from heterorl.server.security import ServerSecurity
+from heterorl.server.tokens import principal_of
+from heterorl.server.validate import GroupRules, check_max_groups, check_name, check_register, require
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
+logger = logging.getLogger(__name__)
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Learner"].full_name
-MAX_MESSAGE_BYTES = 16 << 20
-ENGINES = ("transformers", "vllm")
-MAX_LEASE_BATCH = 256
-LOGPROB_TOLERANCE = 1e-3  # a log-prob may round a hair above 0 in low precision; more is a lie
+WEIGHTS_DTYPE = "bfloat16"  # the dtype of every published tensor (heterorl/common/codec.py)
 REGISTER_COST = 10.0  # in calls of the rate limit: each Register creates a record the learner keeps (and commits)
-# Why a lease call fails, as the reason it is counted under.
-LEASE_REASONS = {"NOT_FOUND": "lease_unknown", "PERMISSION_DENIED": "lease_not_owned",
-                 "FAILED_PRECONDITION": "lease_released"}
-
-
-class InvalidInput(Exception):
-    """A refused request: the gRPC status, a message naming the field and limit, and the reason it is counted as."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str):
-        super().__init__(message)
-        self.code = code
-        self.reason = reason
-
-
-def _require(ok: bool, message: str, reason: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
-    if not ok:
-        raise InvalidInput(code, message, reason)
-
-
-def _lease_status(error: LeaseError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.code)
-
-
-def _check_name(value: str, field: str, limit: int = 64) -> None:
-    _require(0 < len(value) <= limit, f"{field} must be 1..{limit} characters, got {len(value)}", field)
-    _require(value.isprintable(), f"{field} must be printable text", field)
-
-
-def max_group_bytes(group_size: int, max_new_tokens: int) -> int:
-    """The largest valid TrajectoryGroup on the wire: ids of 64 characters (of up to 4 UTF-8 bytes), G completions
-    of the longest length (a token id takes at most 5 bytes, a log-prob 4), framing and the optional fields.
-    Anything bigger carries fields the protocol does not have."""
-    return 1024 + group_size * (64 + 9 * max_new_tokens)
+# Not the caller's doing: counted learner-wide, never against the sampler.
+LEARNERS_OWN = frozenset({Reason.REWARD_FAILED, Reason.REWARD_TIMEOUT, Reason.LEARNER_STOPPING})
+NOT_COUNTED = frozenset({Reason.VERSION_PRUNED})  # a normal race (a version pruned on the way), not a violation
 
 
 def _peer_host(context) -> str:
     """The caller's address without the port (rate limits before a sampler id exists)."""
     peer = context.peer() or ""
     return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+def status_reply(status, rejections: dict[str, int], security: str) -> pb.StatusReply:
+    """A StatusReply from the learner's typed `LearnerStatus`: every one of its fields, by name, so a field added
+    on one side and not the other fails here (TypeError/ValueError) instead of being dropped."""
+    values = {f.name: getattr(status, f.name) for f in dataclasses.fields(status)}
+    samplers = [pb.SamplerStatus(**dataclasses.asdict(view)) for view in values.pop("samplers")]
+    return pb.StatusReply(samplers=samplers, rejections=rejections, security=security, **values)
 
 
 class LearnerService(pb_grpc.LearnerServicer):
@@ -78,62 +64,57 @@ class LearnerService(pb_grpc.LearnerServicer):
         limits = self.security.limits
         self.call_limit = RateLimiter(limits.calls_per_s, limits.calls_burst)
         self.group_limit = RateLimiter(limits.groups_per_s, limits.groups_burst)
-        self.max_group_bytes = max_group_bytes(learner.config.group_size, learner.config.max_new_tokens)
+        config = learner.config
+        self.rules = GroupRules(config.group_size, config.max_new_tokens, learner.vocab_size)
 
-    # -- helpers
+    # -- refusals
 
-    def _refuse(self, context: grpc.ServicerContext, err: InvalidInput, sampler_id: str = "", prefix: str = ""):
-        """Count the refusal learner-wide and against the sampler it names (if registered), then abort."""
-        self.refusals.add(err.reason)
-        if sampler_id:
-            self.learner.count_rejection(sampler_id, err.reason)
-        context.abort(err.code, prefix + str(err))
+    def _abort(self, context, err: Refused, blame: str = "", prefix: str = "") -> NoReturn:
+        """Count the refusal learner-wide and against `blame` (a sampler the caller owns), then answer it."""
+        if err.reason not in NOT_COUNTED:
+            self.refusals.add(err.reason)
+            if blame and err.reason not in LEARNERS_OWN:
+                self.learner.count_rejection(blame, err.reason)
+        context.abort_with_status(error_status(err.code, prefix + str(err), err.reason, **err.metadata))
+        raise AssertionError("abort_with_status returned")  # it raises; this line is never reached
+
+    @contextmanager
+    def _answering(self, context, blame: str = "") -> Iterator[None]:
+        """Answer a `Refused` raised in the block (here or by the learner) with its status, counted."""
+        try:
+            yield
+        except Refused as err:
+            self._abort(context, err, blame)
 
     def _rate(self, limiter: RateLimiter, key: str, what: str, cost: float = 1.0) -> None:
-        wait = limiter.retry_after(key, min(cost, limiter.burst))
-        _require(
-            wait == 0.0,
-            f"{what} exceeded {limiter.rate:g}/s (burst {limiter.burst:g}); retry in {wait:.2f}s",
-            "rate_limited",
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        )
+        wait = limiter.retry_after(key, cost)
+        if wait:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what} exceeded {limiter.rate:g}/s (burst "
+                          f"{limiter.burst:g}); retry in {wait:.2f}s", Reason.RATE_LIMITED, retry_after_s=f"{wait:.3f}")
 
-    def _owned_sampler(self, sampler_id: str, principal: str) -> SamplerRecord:
-        """The record of `sampler_id` if the caller's credential registered it; InvalidInput otherwise."""
-        _check_name(sampler_id, "sampler_id")
-        try:
-            record = self.learner.sampler(sampler_id)
-        except LeaseError as err:
-            raise InvalidInput(_lease_status(err), str(err), "unknown_sampler") from None
+    def _owned_sampler(self, sampler_id: str, principal: str) -> str:
+        """`sampler_id` if the caller's credential registered it; Refused otherwise."""
+        check_name(sampler_id, Reason.SAMPLER_ID)
+        record = self.learner.sampler(sampler_id)  # Refused(NOT_FOUND, UNKNOWN_SAMPLER) if not registered
         # Another credential's sampler looks like no sampler at all: ids are not confirmed to outsiders, and an
         # honest sampler whose record lost its owner (a restored registry) simply registers again.
-        _require(
-            record.principal == principal,
-            f"unknown sampler id {sampler_id!r} for this credential: Register first",
-            "not_owner",
-            grpc.StatusCode.NOT_FOUND,
-        )
-        return record
+        require(record.principal == principal, f"unknown sampler id {sampler_id!r} for this credential: Register first",
+                Reason.NOT_OWNER, grpc.StatusCode.NOT_FOUND, field="sampler_id")
+        return record.sampler_id
 
-    def _caller(self, sampler_id: str, context) -> SamplerRecord:
+    def _caller(self, sampler_id: str, context) -> str:
         """Check a unary call's sampler (known, owned by the caller, within its call rate) or abort."""
-        try:
-            record = self._owned_sampler(sampler_id, principal_of(context))
-        except InvalidInput as err:
-            self._refuse(context, err)  # nobody to blame: an unknown id, or somebody else's
-        try:
+        with self._answering(context):  # nobody to blame: an unknown id, or somebody else's
+            self._owned_sampler(sampler_id, principal_of(context))
+        with self._answering(context, blame=sampler_id):
             self._rate(self.call_limit, sampler_id, f"sampler {sampler_id}")
-        except InvalidInput as err:
-            self._refuse(context, err, sampler_id)
-        return record
+        return sampler_id
 
     def _anonymous_rate(self, context, what: str, cost: float = 1.0) -> None:
         """Rate-limit a call that names no sampler by its credential (or address when there are none)."""
         key = principal_of(context) or _peer_host(context)
-        try:
+        with self._answering(context):
             self._rate(self.call_limit, f"{what}:{key}", f"{what} calls of {key}", cost)
-        except InvalidInput as err:
-            self._refuse(context, err)
 
     def _run_config(self) -> pb.RunConfig:
         c = self.learner.config
@@ -143,13 +124,12 @@ class LearnerService(pb_grpc.LearnerServicer):
             task=c.task,
             reward=self.learner.reward_name,
             group_size=c.group_size,
-            sampling=pb.SamplingParams(
-                temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens
-            ),
+            sampling=pb.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                       max_new_tokens=c.max_new_tokens, stop=list(c.stop)),
             vocab_size=self.learner.vocab_size,
-            max_prompt_tokens=4096,
+            max_prompt_tokens=c.max_prompt_tokens,
             lease_ttl_s=c.lease_ttl_s,
-            weights_dtype="bfloat16",
+            weights_dtype=WEIGHTS_DTYPE,
             task_options_json=self.learner.sampler_task_options,
         )
 
@@ -157,27 +137,12 @@ class LearnerService(pb_grpc.LearnerServicer):
 
     def Register(self, request: pb.RegisterRequest, context):
         self._anonymous_rate(context, "Register", REGISTER_COST)
-        try:
-            _check_name(request.name, "name")
-            _require(
-                request.engine in ENGINES, f"engine must be one of {ENGINES}, got {request.engine[:32]!r}", "engine"
-            )
-            _check_name(request.device, "device")
-            _require(
-                1 <= request.max_batch <= MAX_LEASE_BATCH,
-                f"max_batch must be in 1..{MAX_LEASE_BATCH}, got {request.max_batch}",
-                "max_batch",
-            )
-            _require(len(request.client_version) <= 64, "client_version longer than 64 characters", "client_version")
-            _require(request.client_version.isprintable(), "client_version must be printable text", "client_version")
-        except InvalidInput as err:
-            self._refuse(context, err)
-        record = self.learner.register(
-            request.name, request.engine, request.device, request.max_batch, principal=principal_of(context)
-        )
-        return pb.RegisterReply(
-            sampler_id=record.sampler_id, run=self._run_config(), current_version=self.learner.version
-        )
+        with self._answering(context):
+            check_register(request)
+            record = self.learner.register(request.name, request.engine, request.device, request.max_batch,
+                                           principal=principal_of(context))
+        return pb.RegisterReply(sampler_id=record.sampler_id, run=self._run_config(),
+                                current_version=self.learner.version)
 
     def GetModelFiles(self, request: pb.ModelFilesRequest, context):
         self._caller(request.sampler_id, context)
@@ -188,80 +153,43 @@ class LearnerService(pb_grpc.LearnerServicer):
         return pb.ModelFiles(files=files, files_sha256=digest.hexdigest())
 
     def LeasePrompts(self, request: pb.LeaseRequest, context):
-        self._caller(request.sampler_id, context)
-        if not 1 <= request.max_groups <= MAX_LEASE_BATCH:
-            self._refuse(
-                context,
-                InvalidInput(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"max_groups must be in 1..{MAX_LEASE_BATCH}, got {request.max_groups}",
-                    "max_groups",
-                ),
-                request.sampler_id,
-            )
-        leases = self.learner.lease(request.sampler_id, request.max_groups)
+        sampler_id = self._caller(request.sampler_id, context)
+        with self._answering(context, blame=sampler_id):
+            check_max_groups(request.max_groups)
+            leases = self.learner.lease(sampler_id, request.max_groups)
+        group_size = self.learner.config.group_size
         return pb.LeaseReply(
             leases=[
-                pb.PromptLease(
-                    lease_id=lease.lease_id,
-                    prompt_id=str(lease.prompt_index),
-                    question=lease.problem.question,
-                    prompt_token_ids=lease.prompt_token_ids,
-                    group_size=self.learner.config.group_size,
-                    expires_at_unix=lease.expires_at,
-                )
+                pb.PromptLease(lease_id=lease.lease_id, prompt_id=str(lease.prompt_index),
+                               question=lease.problem.question, prompt_token_ids=lease.prompt_token_ids,
+                               group_size=group_size, expires_at_unix=lease.expires_at)
                 for lease in leases
             ],
             current_version=self.learner.version,
         )
 
     def FetchWeights(self, request: pb.FetchWeightsRequest, context):
-        self._caller(request.sampler_id, context)
-        newest = self.learner.version
-        want = request.want_version or newest
-        if want > newest:
-            self._refuse(
-                context,
-                InvalidInput(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"want_version {want} is newer than the newest version {newest}",
-                    "want_version",
-                ),
-                request.sampler_id,
-            )
-        try:
-            payload = self.learner.versions.payload(request.have_version, want)
-        except KeyError:
-            # Not a violation: the version was pruned while the sampler was on its way. Not counted.
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"version {want} is no longer held (held: {self.learner.versions.held()}); ask for the newest",
-            )
-        total = len(payload.data)
-        if request.offset > total:
-            self._refuse(
-                context,
-                InvalidInput(
-                    grpc.StatusCode.OUT_OF_RANGE,
-                    f"offset {request.offset} is past the end of the {total}-byte payload of version {want}",
-                    "offset",
-                ),
-                request.sampler_id,
-            )
-        chunk_bytes = self.learner.config.chunk_bytes
-        for chunk in iter_chunks(payload.data, chunk_bytes, request.offset, payload.chunk_sha256):
+        sampler_id = self._caller(request.sampler_id, context)
+        with self._answering(context, blame=sampler_id):
+            newest = self.learner.version
+            want = request.want_version or newest
+            require(want <= newest, f"want_version {want} is newer than the newest version {newest}",
+                    Reason.WANT_VERSION)
+            try:
+                payload = self.learner.versions.payload(request.have_version, want)
+            except KeyError:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"version {want} is no longer held (held: "
+                              f"{self.learner.versions.held()}); ask for the newest", Reason.VERSION_PRUNED) from None
+            total = len(payload.data)
+            require(request.offset <= total, f"offset {request.offset} is past the end of the {total}-byte payload "
+                    f"of version {want}", Reason.OFFSET, grpc.StatusCode.OUT_OF_RANGE)
+        for chunk in iter_chunks(payload.data, self.learner.config.chunk_bytes, request.offset, payload.chunk_sha256):
             if not context.is_active():
                 return
             yield pb.WeightChunk(
-                version=payload.version,
-                base_version=payload.base_version,
-                encoding=payload.encoding,
-                total_bytes=total,
-                offset=chunk.offset,
-                data=bytes(chunk.data),
-                chunk_sha256=chunk.sha256,
-                payload_sha256=payload.sha256,
-                weights_sha256=payload.weights_sha256,
+                version=payload.version, base_version=payload.base_version, encoding=payload.encoding,
+                total_bytes=total, offset=chunk.offset, data=bytes(chunk.data), chunk_sha256=chunk.sha256,
+                payload_sha256=payload.sha256, weights_sha256=payload.weights_sha256,
             )
 
     def SubmitTrajectories(self, request_iterator, context):
@@ -269,143 +197,29 @@ class LearnerService(pb_grpc.LearnerServicer):
         for group in request_iterator:
             blame = ""  # the sampler a refusal is counted against: only one the caller owns
             try:
-                record = self._owned_sampler(group.sampler_id, principal)
-                blame = record.sampler_id
-                self._rate(self.group_limit, record.sampler_id, f"groups of sampler {record.sampler_id}")
-                submission = self._validate_group(group)
-                duplicate = self.learner.submit(submission)
-            except InvalidInput as err:
-                self._refuse(context, err, blame, prefix=f"lease {group.lease_id[:64]!r}: ")
-            except LeaseError as err:
-                reason = LEASE_REASONS.get(err.code, "lease")
-                self._refuse(context, InvalidInput(_lease_status(err), str(err), reason), blame)
+                blame = self._owned_sampler(group.sampler_id, principal)
+                self._rate(self.group_limit, blame, f"groups of sampler {blame}")
+                duplicate = self.learner.submit(self.rules.submission(group, self.learner.version))
+            except Refused as err:
+                self._abort(context, err, blame, prefix=f"lease {group.lease_id[:64]!r}: ")
             yield pb.SubmitAck(
                 lease_id=group.lease_id,
                 status=pb.ACK_STATUS_DUPLICATE if duplicate else pb.ACK_STATUS_ACCEPTED,
                 current_version=self.learner.version,
             )
 
-    def _validate_group(self, group: pb.TrajectoryGroup) -> Submission:
-        """Every field of a group against the run's limits; the lease itself is checked by `Learner.submit`."""
-        learner = self.learner
-        config = learner.config
-        size = group.ByteSize()
-        _require(
-            size <= self.max_group_bytes,
-            f"group message is {size} bytes; a valid group of G={config.group_size} and at most "
-            f"{config.max_new_tokens} tokens per completion is at most {self.max_group_bytes}",
-            "message_size",
-        )
-        _check_name(group.lease_id, "lease_id")
-        newest = learner.version
-        _require(
-            1 <= group.policy_version <= newest,
-            f"policy_version {group.policy_version} is not a published version (newest is {newest})",
-            "policy_version",
-        )
-        # Every lease of a run asks for the run's group size (PromptLease.group_size).
-        _require(
-            len(group.completions) == config.group_size,
-            f"a group holds exactly {config.group_size} completions (the lease's group size), "
-            f"got {len(group.completions)}",
-            "group_size",
-        )
-        _require(
-            math.isfinite(group.generation_seconds) and group.generation_seconds >= 0,
-            f"generation_seconds must be finite and >= 0, got {group.generation_seconds}",
-            "generation_seconds",
-        )
-        completions = []
-        for i, comp in enumerate(group.completions):
-            n = len(comp.token_ids)
-            _require(
-                1 <= n <= config.max_new_tokens,
-                f"completion {i}: {n} tokens, allowed 1..{config.max_new_tokens}",
-                "token_count",
-            )
-            _require(
-                len(comp.logprobs) == n,
-                f"completion {i}: {len(comp.logprobs)} log-probs for {n} tokens",
-                "logprob_count",
-            )
-            tokens = list(comp.token_ids)
-            top = max(tokens)
-            _require(
-                top < learner.vocab_size,
-                f"completion {i}: token id {top} outside the vocabulary of {learner.vocab_size}",
-                "token_id",
-            )
-            logprobs = list(comp.logprobs)
-            _require(
-                all(math.isfinite(x) and x <= LOGPROB_TOLERANCE for x in logprobs),
-                f"completion {i}: log-probs must be finite and <= 0",
-                "logprob",
-            )
-            _require(
-                comp.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH),
-                f"completion {i}: finish_reason must be STOP or LENGTH, got {comp.finish_reason}",
-                "finish_reason",
-            )
-            claimed = comp.sampler_reward if comp.HasField("sampler_reward") else None
-            _require(
-                claimed is None or math.isfinite(claimed),
-                f"completion {i}: sampler_reward not finite",
-                "sampler_reward",
-            )
-            completions.append((tokens, [min(x, 0.0) for x in logprobs], comp.finish_reason, claimed))
-        return Submission(
-            sampler_id=group.sampler_id,
-            lease_id=group.lease_id,
-            policy_version=group.policy_version,
-            completions=completions,
-        )
-
     def Heartbeat(self, request: pb.HeartbeatRequest, context):
-        self._caller(request.sampler_id, context)
-        if request.version > self.learner.version:
-            self._refuse(
-                context,
-                InvalidInput(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"version {request.version} is newer than the newest version {self.learner.version}",
-                    "heartbeat_version",
-                ),
-                request.sampler_id,
-            )
-        self.learner.heartbeat(request.sampler_id, request.version)
+        sampler_id = self._caller(request.sampler_id, context)
+        with self._answering(context, blame=sampler_id):
+            newest = self.learner.version
+            require(request.version <= newest, f"version {request.version} is newer than the newest version "
+                    f"{newest}", Reason.HEARTBEAT_VERSION, field="version")
+            self.learner.heartbeat(sampler_id, request.version)
         return pb.HeartbeatReply(current_version=self.learner.version)
 
     def Status(self, request: pb.StatusRequest, context):
         self._anonymous_rate(context, "Status")
-        s = self.learner.status()
-        samplers = [
-            pb.SamplerStatus(
-                sampler_id=r["sampler_id"],
-                name=r["name"],
-                engine=r["engine"],
-                device=r["device"],
-                version=r["version"],
-                groups_leased=r["groups_leased"],
-                groups_accepted=r["groups_accepted"],
-                groups_rejected=r["groups_rejected"],
-                last_seen_s_ago=r["last_seen_s_ago"],
-                alive=r["alive"],
-                rejections=r.get("rejections", {}),
-                principal=r.get("principal", ""),
-                quarantined=r.get("quarantined", False),
-                logprob_checked=r.get("logprob_checked", 0),
-                logprob_mismatched=r.get("logprob_mismatched", 0),
-                logprob_mean_diff=r.get("logprob_mean_diff", 0.0),
-            )
-            for r in s.pop("samplers")
-        ]
-        known = set(pb.StatusReply.DESCRIPTOR.fields_by_name)
-        return pb.StatusReply(
-            samplers=samplers,
-            rejections=self.refusals.snapshot(),
-            security=self.security.describe(),
-            **{k: v for k, v in s.items() if k in known},
-        )
+        return status_reply(self.learner.status(), self.refusals.snapshot(), self.security.describe())
 
 
 def build_server(
@@ -417,12 +231,12 @@ def build_server(
     authentication is refused (ValueError) unless the security setting says insecure.
     """
     if security is None:
-        security = ServerSecurity.from_config(learner.config, log=learner.log)
+        security = ServerSecurity.from_config(learner.config)
     for warning in security.check_bind(host):
-        learner.log(f"warning: {warning}")
+        logger.warning("%s", warning)
     service = LearnerService(learner, security)
     # The largest valid request is a trajectory group; refuse bigger messages before they are read into memory.
-    receive_limit = min(MAX_MESSAGE_BYTES, max(1 << 20, 2 * service.max_group_bytes))
+    receive_limit = min(MAX_MESSAGE_BYTES, max(1 << 20, 2 * service.rules.max_bytes))
     options = [
         ("grpc.max_receive_message_length", receive_limit),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

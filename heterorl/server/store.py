@@ -117,5 +117,9 @@ class TrajectoryStore:
         """Return taken groups to the front, in their order (training was interrupted)."""
         self._groups.extendleft(reversed(groups))
 
+    def snapshot(self) -> tuple[StoredGroup, ...]:
+        """The waiting groups, oldest first (a copy)."""
+        return tuple(self._groups)
+
     def __len__(self) -> int:
         return len(self._groups)

@@ -232,7 +232,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SamplerStatus(_message.Message):
-    __slots__ = ("sampler_id", "name", "engine", "device", "version", "groups_leased", "groups_accepted", "groups_rejected", "last_seen_s_ago", "alive", "rejections", "principal", "quarantined", "logprob_checked", "logprob_mismatched", "logprob_mean_diff")
+    __slots__ = ("sampler_id", "name", "engine", "device", "version", "groups_leased", "groups_accepted", "groups_rejected", "last_seen_s_ago", "alive", "rejections", "principal", "quarantined", "logprob_checked", "logprob_mismatched", "logprob_mean_diff", "reward_disagreements")
     class RejectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class SamplerStatus(_message.Message):
     LOGPROB_CHECKED_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_MISMATCHED_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_MEAN_DIFF_FIELD_NUMBER: _ClassVar[int]
+    REWARD_DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
     sampler_id: str
     name: str
     engine: str
@@ -272,10 +273,11 @@ class SamplerStatus(_message.Message):
     logprob_checked: int
     logprob_mismatched: int
     logprob_mean_diff: float
-    def __init__(self, sampler_id: _Optional[str] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., groups_leased: _Optional[int] = ..., groups_accepted: _Optional[int] = ..., groups_rejected: _Optional[int] = ..., last_seen_s_ago: _Optional[float] = ..., alive: _Optional[bool] = ..., rejections: _Optional[_Mapping[str, int]] = ..., principal: _Optional[str] = ..., quarantined: _Optional[bool] = ..., logprob_checked: _Optional[int] = ..., logprob_mismatched: _Optional[int] = ..., logprob_mean_diff: _Optional[float] = ...) -> None: ...
+    reward_disagreements: int
+    def __init__(self, sampler_id: _Optional[str] = ..., name: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., version: _Optional[int] = ..., groups_leased: _Optional[int] = ..., groups_accepted: _Optional[int] = ..., groups_rejected: _Optional[int] = ..., last_seen_s_ago: _Optional[float] = ..., alive: _Optional[bool] = ..., rejections: _Optional[_Mapping[str, int]] = ..., principal: _Optional[str] = ..., quarantined: _Optional[bool] = ..., logprob_checked: _Optional[int] = ..., logprob_mismatched: _Optional[int] = ..., logprob_mean_diff: _Optional[float] = ..., reward_disagreements: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "version", "step", "groups_trained", "groups_pending", "leases_outstanding", "leases_expired", "groups_dropped_stale", "samplers", "uptime_s", "last_reward_mean", "last_eval_accuracy", "task", "loss", "rejections", "security")
+    __slots__ = ("run_id", "version", "step", "groups_trained", "groups_pending", "leases_outstanding", "leases_expired", "groups_dropped_stale", "samplers", "uptime_s", "last_reward_mean", "last_eval_accuracy", "task", "loss", "rejections", "security", "reward_disagreements", "groups_refused_reward")
     class RejectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -299,6 +301,8 @@ class StatusReply(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     SECURITY_FIELD_NUMBER: _ClassVar[int]
+    REWARD_DISAGREEMENTS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_REFUSED_REWARD_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     version: int
     step: int
@@ -315,4 +319,6 @@ class StatusReply(_message.Message):
     loss: str
     rejections: _containers.ScalarMap[str, int]
     security: str
-    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., groups_trained: _Optional[int] = ..., groups_pending: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., groups_dropped_stale: _Optional[int] = ..., samplers: _Optional[_Iterable[_Union[SamplerStatus, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., last_reward_mean: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., task: _Optional[str] = ..., loss: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., security: _Optional[str] = ...) -> None: ...
+    reward_disagreements: int
+    groups_refused_reward: int
+    def __init__(self, run_id: _Optional[str] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., groups_trained: _Optional[int] = ..., groups_pending: _Optional[int] = ..., leases_outstanding: _Optional[int] = ..., leases_expired: _Optional[int] = ..., groups_dropped_stale: _Optional[int] = ..., samplers: _Optional[_Iterable[_Union[SamplerStatus, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., last_reward_mean: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., task: _Optional[str] = ..., loss: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., security: _Optional[str] = ..., reward_disagreements: _Optional[int] = ..., groups_refused_reward: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,62 @@
+"""The sampler's settings: one flat dataclass, each field a flag and a TOML key (`heterorl.common.config`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from heterorl.common.config import field as setting
+from heterorl.common.contract import MAX_LEASE_BATCH, MAX_NAME_CHARS, TOKEN_ENV
+from heterorl.node.engine_base import check_engine, default_engine
+from heterorl.node.lag import LagPolicy
+from heterorl.node.retry import RetryPolicy
+
+
+@dataclass
+class SamplerConfig:
+    learner: str = setting("127.0.0.1:50051", "learner address HOST:PORT")
+    name: str = setting("", "name shown in `heterorl status` (default: host-pid)")
+    engine: str = setting(default_engine(), "generation engine: vllm (the default where it is installed) or transformers")
+    device: str = setting("cpu", "device to generate on")
+    max_batch: int = setting(4, f"prompt groups generated together in one batch (1..{MAX_LEASE_BATCH})")
+    threads: int = setting(0, "torch threads (0 = torch default)")
+    seed: int = setting(0, "sampling seed")
+    cache_dir: Path | None = setting(None, "where model files from the learner are kept (default: heterorl cache)")
+    heartbeat_s: float = setting(10.0, "seconds between heartbeats")
+    max_groups: int = setting(0, "exit after this many acknowledged groups (0 = run until stopped)")
+    retry_max_s: float = setting(10.0, "longest pause between reconnection attempts")
+    give_up_s: float = setting(0.0, "exit when the learner stays unreachable this long (0 = never)")
+    # deliberate lag, for staleness experiments (see heterorl/node/lag.py)
+    lag_versions: int = setting(0, "lag on purpose: refresh weights only once the learner is this many versions ahead")
+    lag_seconds: float = setting(0.0, "lag on purpose: refresh weights only once the held version is this many seconds old")
+    lag_dist: str = setting(
+        "fixed", "'fixed', or 'lognormal': each refresh draws the lag from the paper's log-normal scaled so its "
+        "99.75%% quantile is the lag setting (0.25%% quantile: 1/32 of it)"
+    )
+    # security (heterorl/node/security.py ClientSecurity); a token itself is never a flag
+    token_file: Path | None = setting(None, "file holding this sampler's token ('token' or 'name:token'; default: "
+                                            f"the {TOKEN_ENV} environment variable)")
+    tls_ca: Path | None = setting(None, "PEM CA to verify the learner's certificate with; turns TLS on")
+    tls_cert: Path | None = setting(None, "PEM client certificate for mutual TLS (with --tls-key); turns TLS on")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_server_name: str = setting("", "name the learner's certificate carries when it differs from the dialled host; "
+                                       "turns TLS on")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = f"{socket.gethostname()}-{os.getpid()}"[:MAX_NAME_CHARS]
+        check_engine(self.engine)
+        if not 1 <= self.max_batch <= MAX_LEASE_BATCH:
+            raise ValueError(f"max_batch must be in 1..{MAX_LEASE_BATCH}")
+        if ":" not in self.learner:
+            raise ValueError(f"learner must be HOST:PORT, got {self.learner!r}")
+        self.lag_policy()  # validates the lag settings early
+        self.retry_policy()
+
+    def lag_policy(self) -> LagPolicy:
+        return LagPolicy(versions=self.lag_versions, seconds=self.lag_seconds, dist=self.lag_dist, seed=self.seed)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(initial_s=min(0.5, self.retry_max_s), max_s=self.retry_max_s, give_up_s=self.give_up_s)

@@ -1,0 +1,93 @@
+"""What a learner loads before it can serve: model and tokenizer, the task and its reward, the files samplers need.
+
+Nothing here touches the run directory or the run database (`heterorl.server.resume` does); loading is the
+same for a fresh run and a resumed one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from heterorl.common import model as model_lib
+from heterorl.common.tasks import Problem, Task, make_task
+from heterorl.server.config import LearnerConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE_LIMIT = 32 << 20  # architecture/tokenizer files shipped to samplers; weights never go this way
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+@dataclass
+class RunInputs:
+    """The loaded model, tokenizer and task of a run, and what samplers are sent about them."""
+
+    model_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    vocab_size: int
+    pad_id: int
+    model_files: dict[str, bytes]  # name -> bytes: config and tokenizer files, never weights
+    task: Task
+    reward_name: str
+    eval_problems: list[Problem]
+    sampler_task_options: str  # JSON of the task's options if samplers may rebuild it to score locally, else ""
+
+    def encode(self, problem: Problem) -> list[int]:
+        return model_lib.encode_prompt(self.tokenizer, problem.question)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def load(config: LearnerConfig) -> RunInputs:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model_dir = model_lib.resolve_model(config.model)
+    tokenizer = model_lib.load_tokenizer(model_dir)
+    model = model_lib.load_causal_lm(model_dir, dtype=torch.float32)
+    task = make_task(config.task, **{"seed": config.seed, **config.task_kwargs()})
+    held_out = task.eval_problems()
+    if config.eval_size > len(held_out):
+        logger.warning("eval_size %d > %d held-out problems of the task; using all of them",
+                       config.eval_size, len(held_out))
+    # Samplers may rebuild the task to score their own completions only if its questions verify themselves.
+    probe = task.train_problem(0).question
+    return RunInputs(
+        model_dir=model_dir,
+        tokenizer=tokenizer,
+        model=model,
+        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
+        pad_id=pad_id(tokenizer),
+        model_files=read_model_files(model_dir),
+        task=task,
+        reward_name=config.reward or task.default_reward,
+        eval_problems=held_out[: config.eval_size],
+        sampler_task_options=json.dumps(task.options()) if task.local_reference(probe) is not None else "",
+    )
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def read_model_files(model_dir: Path) -> dict[str, bytes]:
+    files = {}
+    for path in sorted(model_dir.iterdir()):
+        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name.startswith("."):
+            continue
+        if path.stat().st_size > MODEL_FILE_LIMIT:
+            continue
+        files[path.name] = path.read_bytes()
+    if "config.json" not in files:
+        raise ValueError(f"model directory {model_dir} has no config.json")
+    return files
