@@ -53,6 +53,7 @@ def main() -> int:
     import torch
 
     from heterorl.common import codec
+    from heterorl.common.config import from_flat
     from heterorl.common.model import load_causal_lm
     from heterorl.common.tasks import make_task
     from heterorl.common.weights import chunk_hashes, weight_tensors
@@ -68,12 +69,13 @@ def main() -> int:
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores), torch threads "
           f"{torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        config = LearnerConfig(port=0, run_dir=Path(tmp) / "run", eval_size=0, max_new_tokens=args.max_new_tokens,
-                               group_size=args.group_size, temperature=args.temperature, lease_ttl_s=3600)
-        learner = Learner(config, log=lambda _m: None)
+        config = from_flat(LearnerConfig, port=0, run_dir=Path(tmp) / "run", eval_size=0,
+                           max_new_tokens=args.max_new_tokens, group_size=args.group_size,
+                           temperature=args.temperature, lease_ttl_s=3600)
+        learner = Learner(config)
         server, port = build_server(learner, "127.0.0.1", 0)
         server.start()
-        client = LearnerClient(f"127.0.0.1:{port}", log=lambda _m: None)
+        client = LearnerClient(f"127.0.0.1:{port}")
         sid = client.register("bench", "vllm", "cpu", args.prompts, CLIENT_VERSION).sampler_id
         model_dir = _install_model_files(client.model_files(sid), Path(tmp) / "cache")
 
@@ -123,7 +125,7 @@ def main() -> int:
         info = codec.inspect(delta.payload)
         # The client checked every chunk's hash and the whole payload's during the download; the same work again:
         hashed = time.perf_counter()
-        chunk_hashes(bytes(delta.payload), config.chunk_bytes)
+        chunk_hashes(bytes(delta.payload), config.serve.chunk_bytes)
         hashlib.sha256(delta.payload).hexdigest()
         chunk_check_s = time.perf_counter() - hashed
         print(f"delta v1->v2: {len(delta.payload) / 2**20:.2f} MiB ({info.method_counts()}), learner encode "

@@ -107,6 +107,7 @@ def transfer_faults(cache: Path, work: Path, cuts: int, corrupt: int, seed: int)
     )
 
     from heterorl.common import codec
+    from heterorl.common.config import from_flat
     from heterorl.common.model import resolve_model
     from heterorl.node.client import LearnerClient
     from heterorl.server.config import LearnerConfig
@@ -117,9 +118,9 @@ def transfer_faults(cache: Path, work: Path, cuts: int, corrupt: int, seed: int)
 
     rng = random.Random(seed)
     model_dir = _wide_model_dir(resolve_model("tiny", cache=cache), work / "wide-model")
-    learner = Learner(LearnerConfig(port=0, run_dir=work / "transfer-run", model=str(model_dir), reward="digit_fraction",
-                                    group_size=2, groups_per_step=1, max_new_tokens=4, eval_size=0,
-                                    chunk_bytes=CHUNK, keep_versions=4))
+    learner = Learner(from_flat(LearnerConfig, port=0, run_dir=work / "transfer-run", model=str(model_dir),
+                                reward="digit_fraction", group_size=2, groups_per_step=1, max_new_tokens=4,
+                                eval_size=0, chunk_bytes=CHUNK, keep_versions=4))
     published = {1: learner.trainer.snapshot()}
     generator = torch.Generator().manual_seed(seed)
     for _ in range(2):

@@ -62,6 +62,7 @@ def client(target: str, seconds: float, group_size: int, tokens: int, vocab: int
 def measure(args, tmp: Path, secured: bool) -> dict:
     """One learner, `args.clients` client processes for `args.seconds`; the accepted groups per second."""
     from heterorl import credentials as auth  # tokens and the throwaway PKI (operator tool)
+    from heterorl.common.config import from_flat
     from heterorl.server.config import LearnerConfig
     from heterorl.server.learner import Learner
     from heterorl.server.service import build_server
@@ -78,7 +79,7 @@ def measure(args, tmp: Path, secured: bool) -> dict:
         ca = pki.ca.read_bytes()
         security = dict(tokens_file=tokens_file, tls_cert=pki.server_cert, tls_key=pki.server_key,
                         rate_calls_per_s=1e6, rate_calls_burst=1e6, rate_groups_per_s=1e6, rate_groups_burst=1e6)
-    config = LearnerConfig(
+    config = from_flat(LearnerConfig,
         port=0, run_dir=run_dir, model="tiny", reward="last_number", group_size=args.group_size,
         max_new_tokens=args.tokens, eval_size=0, max_inflight_groups=10**9, lease_ttl_s=3600, db_sync=args.db_sync,
         **security,

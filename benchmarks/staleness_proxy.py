@@ -42,7 +42,7 @@ PROXY_TASK_OPTIONS: dict[str, object] = {
     "template": "{a}{op}{b}=",
 }
 
-# Learner flags (names as LearnerConfig fields, CLI spelling is the same with '-' for '_').
+# Learner flags (flat names of LearnerConfig settings, CLI spelling is the same with '-' for '_').
 PROXY_LEARNER_FLAGS: dict[str, str | int | float] = {
     "lr": 1e-4,
     "group_size": 8,

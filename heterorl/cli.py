@@ -66,10 +66,12 @@ def format_status(s) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from heterorl.common import config as config_lib
     from heterorl.node.client import ClientSecurity
+    from heterorl.node.config import ClientSecuritySection
 
     try:
-        security = ClientSecurity.load(args.token_file, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        security = ClientSecurity.from_config(config_lib.build(ClientSecuritySection, flags=args))
     except ValueError as err:
         print(f"heterorl status: {err}", file=sys.stderr)
         return 2
@@ -153,12 +155,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     resolve_model(args.model)  # convert/cache the model once, before the processes race to do it
     engine = args.sampler_engine
+    log_flags = ["--log-level", args.log_level, "--log-format", args.log_format]
     py = sys.executable
     learner_argv = [
         py, "-m", "heterorl.server.main", "--host", "127.0.0.1", "--port", "0", "--run-dir", str(run_dir),
         "--model", args.model, "--max-steps", str(args.steps), "--eval-every", str(args.eval_every),
         "--eval-size", str(args.eval_size), "--threads", str(args.learner_threads), "--seed", str(args.seed),
-        *args.learner_args,
+        *log_flags, *args.learner_args,
     ]
     children = [_spawn("learner", learner_argv, run_dir / "learner.log")]
     tty = sys.stdout.isatty()
@@ -176,7 +179,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             sampler_argv = [
                 py, "-m", "heterorl.node.main", "--learner", target, "--name", f"demo-sampler-{i + 1}",
                 "--seed", str(args.seed * 1000 + i + 1), "--threads", str(args.sampler_threads),
-                "--max-batch", str(args.sampler_batch), "--engine", engine,
+                "--max-batch", str(args.sampler_batch), "--engine", engine, *log_flags,
             ]
             children.append(_spawn(f"sampler-{i + 1}", sampler_argv, run_dir / f"sampler-{i + 1}.log"))
         print(f"learner on {target}; {args.samplers} samplers started ({engine} engine). `heterorl status --learner {target}` "
@@ -238,6 +241,9 @@ def format_summary(s: dict, wall: float, run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from heterorl import credentials
+    from heterorl.common import config as config_lib
+    from heterorl.common.logs import FORMATS, LEVELS
+    from heterorl.node.config import ClientSecuritySection
 
     parser = argparse.ArgumentParser(prog="heterorl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,12 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="print a learner's version, step and samplers")
     p.add_argument("--learner", default="127.0.0.1:50051", help="HOST:PORT of the learner")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file with a token the learner knows (default: the HETERORL_TOKEN environment variable)")
-    p.add_argument("--tls-ca", type=Path, default=None, help="PEM CA of the learner's certificate (turns TLS on)")
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM key of --tls-cert")
-    p.add_argument("--tls-server-name", default="", help="name on the learner's certificate, if not the host dialled")
+    config_lib.add_flags(p, ClientSecuritySection)  # the sampler's own security flags
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="train the default model with a local learner and samplers")
@@ -267,10 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler-engine", default="transformers", choices=("transformers", "vllm"),
                    help="samplers' generation engine (default: transformers)")
     p.add_argument("--run-dir", type=Path, default=None)
-    p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after --")
+    p.add_argument("--log-level", default="info", choices=LEVELS, help="log level of the learner and samplers")
+    p.add_argument("--log-format", default="text", choices=FORMATS,
+                   help="their log files: readable lines or one JSON object per line")
+    p.add_argument("learner_args", nargs="*", help="extra heterorl-learner flags after -- (--config FILE.toml too)")
     p.set_defaults(func=cmd_demo)
 
     credentials.add_commands(sub)  # new-token, pki
+
+    from heterorl.tools import export as export_tool, plots
+
+    plots.add_commands(sub)  # plot, compare: heterorl/tools/plots.py
+    export_tool.add_commands(sub)  # export: heterorl/tools/export.py
 
     p = sub.add_parser("prepare-model", help="convert and cache a model (the default: SmolLM2-135M-Instruct)")
     p.add_argument("--model", default="smollm2-135m")

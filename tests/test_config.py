@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,30 +13,42 @@ import pytest
 
 from heterorl.common import config as config_lib
 from heterorl.common.config import ConfigError, field, from_flat, section
-from heterorl.node.sampler import SamplerConfig
+from heterorl.node.config import SamplerConfig
 from heterorl.server.config import LearnerConfig
 from heterorl.server.main import parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def daemon(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m module args` from the repository root, as the console scripts would."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def test_flags_override_toml_which_overrides_defaults(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('group_size = 4\nlr = 1\nloss = "gspo"\nmax_staleness = 3\nrun_dir = "runs/x"\n')
+    toml.write_text('[run]\nrun_dir = "runs/x"\n[train]\ngroup_size = 4\nlr = 1\nmax_staleness = 3\n'
+                    '[loss]\nloss = "gspo"\n')
     config = parse_config(["--config", str(toml), "--group-size", "6"])
-    assert config.group_size == 6            # flag wins
-    assert config.lr == 1.0 and config.loss == "gspo" and config.max_staleness == 3  # file wins over defaults
-    assert str(config.run_dir) == "runs/x"
-    assert config.groups_per_step == LearnerConfig().groups_per_step  # default otherwise
-    assert parse_config(["--max-staleness", "none"]).max_staleness is None
+    assert config.train.group_size == 6            # flag wins
+    assert config.train.lr == 1.0 and config.loss.loss == "gspo" and config.train.max_staleness == 3  # file wins
+    assert str(config.run.run_dir) == "runs/x"
+    assert config.train.groups_per_step == LearnerConfig().train.groups_per_step  # default otherwise
+    assert parse_config(["--max-staleness", "none"]).train.max_staleness is None
 
 
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("grup_size = 4\n", "grup_size: unknown setting; did you mean group_size?"),
-        ('group_size = "four"\n', "group_size must be int"),
-        ("group_size = 0\n", "group_size must be in 1..256"),
-        ('loss = "ppo"\n', "ppo"),
-        ("temperature = 0\n", "temperature must be > 0"),
+        ("[train]\ngrup_size = 4\n", "[train] grup_size: unknown setting; did you mean group_size?"),
+        ("group_size = 4\n", "group_size: belongs in [train]"),   # a flat key of the old layout
+        ('loss = "gspo"\n', "loss: belongs in [loss]"),
+        ('[train]\ngroup_size = "four"\n', "group_size must be int"),
+        ("[train]\ngroup_size = 0\n", "group_size must be in 1..256"),
+        ('[loss]\nloss = "ppo"\n', "ppo"),
+        ("[sampling]\ntemperature = 0\n", "temperature must be > 0"),
+        ('[logging]\nlog_format = "xml"\n', "log_format must be text or json"),
     ],
 )
 def test_bad_settings_name_the_problem(tmp_path, capsys, content, message):
@@ -45,17 +61,93 @@ def test_bad_settings_name_the_problem(tmp_path, capsys, content, message):
 
 def test_sampler_config_validation():
     with pytest.raises(ValueError, match="HOST:PORT"):
-        SamplerConfig(learner="localhost")
+        from_flat(SamplerConfig, learner="localhost")
     with pytest.raises(ValueError, match="max_batch"):
-        SamplerConfig(max_batch=0)
-    assert SamplerConfig().name  # a default name is made up from host and pid
+        from_flat(SamplerConfig, max_batch=0)
+    assert SamplerConfig().sampler.name  # a default name is made up from host and pid
 
 
 def test_a_bare_boolean_flag_means_true_and_a_value_still_parses():
-    assert parse_config(["--insecure"]).insecure is True
-    assert parse_config(["--insecure", "false"]).insecure is False
-    assert parse_config(["--insecure", "--lr", "0.5"]).lr == 0.5
-    assert parse_config([]).insecure is False
+    assert parse_config(["--insecure"]).security.insecure is True
+    assert parse_config(["--insecure", "false"]).security.insecure is False
+    assert parse_config(["--insecure", "--lr", "0.5"]).train.lr == 0.5
+    assert parse_config([]).security.insecure is False
+
+
+# -- the daemons' real command lines ------------------------------------------------------------------------------
+
+
+def test_learner_print_config_loads_back_unchanged(tmp_path):
+    argv = ["--run-dir", str(tmp_path / "run"), "--group-size", "5", "--stop", "a,b", "--lr", "4e-06",
+            "--tokens-file", str(tmp_path / "tokens"), "--log-format", "json", "--max-staleness", "2"]
+    printed = daemon("heterorl.server.main", *argv, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert "[sampling]" in printed.stdout and "[durability]" in printed.stdout
+    path = tmp_path / "printed.toml"
+    path.write_text(printed.stdout)
+    again = daemon("heterorl.server.main", "--config", str(path), "--print-config")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == printed.stdout
+    expected = parse_config(argv)
+    assert config_lib.loads(LearnerConfig, printed.stdout) == expected
+    assert parse_config(["--config", str(path)]) == expected
+    assert not (tmp_path / "run").exists()  # printing starts nothing
+
+
+def test_a_misspelt_key_is_refused_by_name_with_exit_code_2(tmp_path):
+    cases = [
+        ("heterorl.server.main", "[sampling]\ntemprature = 1\n",
+         "[sampling] temprature: unknown setting; did you mean temperature?"),
+        ("heterorl.node.main", "[connection]\nheartbeat = 1\n",
+         "[connection] heartbeat: unknown setting; did you mean heartbeat_s?"),
+    ]
+    for module, toml, message in cases:
+        path = tmp_path / "bad.toml"
+        path.write_text(toml)
+        refused = daemon(module, "--config", str(path))
+        assert refused.returncode == 2
+        assert message in refused.stderr
+
+
+def test_a_flag_overrides_the_file_for_both_daemons(tmp_path):
+    learner_file = tmp_path / "learner.toml"
+    learner_file.write_text('[sampling]\ntemperature = 1.5\ntop_k = 5\n[serve]\nport = 6000\n')
+    config = parse_config(["--config", str(learner_file), "--temperature", "0.9"])
+    assert (config.sampling.temperature, config.sampling.top_k, config.serve.port) == (0.9, 5, 6000)
+
+    from heterorl.node.main import parse_config as sampler_config
+
+    sampler_file = tmp_path / "sampler.toml"
+    sampler_file.write_text('[sampler]\nmax_batch = 3\nname = "from-file"\n[connection]\ngive_up_s = 30\n')
+    config = sampler_config(["--config", str(sampler_file), "--max-batch", "2"])
+    assert (config.sampler.max_batch, config.sampler.name, config.connection.give_up_s) == (2, "from-file", 30.0)
+
+
+def test_sampler_print_config_loads_back_unchanged(tmp_path):
+    argv = ["--learner", "10.0.0.1:7000", "--name", "s1", "--engine", "transformers", "--lag-versions", "2",
+            "--give-up-s", "5", "--tls-server-name", "learner.example"]
+    printed = daemon("heterorl.node.main", *argv, "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    path = tmp_path / "printed.toml"
+    path.write_text(printed.stdout)
+    again = daemon("heterorl.node.main", "--config", str(path), "--print-config")
+    assert again.returncode == 0 and again.stdout == printed.stdout
+    from heterorl.node.main import parse_config as sampler_config
+
+    assert config_lib.loads(SamplerConfig, printed.stdout) == sampler_config(argv)
+
+
+def test_json_logs_are_one_object_per_line_with_a_level():
+    with socket.socket() as probe:  # a port nobody listens on (it was free a moment ago)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = daemon("heterorl.node.main", "--learner", f"127.0.0.1:{port}", "--engine", "transformers",
+                  "--give-up-s", "1", "--retry-max-s", "0.5", "--log-format", "json", "--log-level", "info")
+    assert done.returncode == 0  # an unreachable learner past --give-up-s is a clean stop
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records and all(r["level"] in ("debug", "info", "warning", "error", "critical") for r in records)
+    assert {"warning", "error"} <= {r["level"] for r in records}  # retried, then gave up
+    assert all(r["logger"].startswith("heterorl") and r["time"] for r in records)
 
 
 # -- the machinery on small example configs: sections in TOML, flat flags ------------------------------------------

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from heterorl.common import codec
+from heterorl.common.config import from_flat
 from heterorl.server import checkpoint as ckpt
 from heterorl.server import loop
 from heterorl.common.contract import Reason
@@ -57,11 +58,11 @@ def settings_for(run_dir: Path, **overrides) -> dict:
 
 
 def new_learner(run_dir: Path, **overrides) -> Learner:
-    return Learner(LearnerConfig(**settings_for(run_dir, **overrides)))
+    return Learner(from_flat(LearnerConfig, **settings_for(run_dir, **overrides)))
 
 
 def resumed(run_dir: Path, **overrides) -> Learner:
-    return Learner(LearnerConfig(**settings_for(run_dir, resume=run_dir, **overrides)))
+    return Learner(from_flat(LearnerConfig, **settings_for(run_dir, resume=run_dir, **overrides)))
 
 
 def crash(learner: Learner) -> None:
@@ -387,10 +388,10 @@ def test_resume_settings_keep_what_defines_the_run(tmp_path):
     learner.close()
     (run_dir / "learner.json").write_text(json.dumps({"port": 51234}))
     config = parse_config(["--resume", str(run_dir), "--lr", "1e-4", "--max-steps", "7"])
-    assert config.run_dir == run_dir and config.model == "tiny" and config.group_size == G
-    assert config.lr == 1e-4 and config.max_steps == 7  # may change
-    assert config.port == 51234  # the address samplers know
-    assert parse_config(["--resume", str(run_dir), "--port", "0"]).port == 0
+    assert config.run.run_dir == run_dir and config.run.model == "tiny" and config.train.group_size == G
+    assert config.train.lr == 1e-4 and config.run.max_steps == 7  # may change
+    assert config.serve.port == 51234  # the address samplers know
+    assert parse_config(["--resume", str(run_dir), "--port", "0"]).serve.port == 0
     for flag, value in (("--group-size", "8"), ("--model", "smollm2-135m"), ("--seed", "3")):
         with pytest.raises(SystemExit):
             parse_config(["--resume", str(run_dir), flag, value])
@@ -398,7 +399,7 @@ def test_resume_settings_keep_what_defines_the_run(tmp_path):
         parse_config(["--resume", str(tmp_path / "nothing")])
     # A learner built directly from a config is held to the same rule.
     with pytest.raises(ValueError, match="group_size"):
-        Learner(LearnerConfig(**{**settings_for(run_dir, resume=run_dir), "group_size": 8}))
+        Learner(from_flat(LearnerConfig, **{**settings_for(run_dir, resume=run_dir), "group_size": 8}))
 
 
 def test_resume_existing_continues_a_run_and_starts_a_fresh_one(tmp_path):
@@ -406,10 +407,10 @@ def test_resume_existing_continues_a_run_and_starts_a_fresh_one(tmp_path):
 
     run_dir = tmp_path / "run"
     fresh = parse_config(["--run-dir", str(run_dir), "--model", "tiny", "--resume-existing"])
-    assert fresh.resume is None  # nothing there yet: a new run
+    assert fresh.durability.resume is None  # nothing there yet: a new run
     new_learner(run_dir).close()
     again = parse_config(["--run-dir", str(run_dir), "--model", "tiny", "--resume-existing"])
-    assert again.resume == run_dir and again.group_size == G  # the stored run's settings come back
+    assert again.durability.resume == run_dir and again.train.group_size == G  # the stored run's settings come back
 
 
 def test_a_database_of_an_older_schema_is_refused_by_name(tmp_path):
@@ -423,4 +424,4 @@ def test_a_database_of_an_older_schema_is_refused_by_name(tmp_path):
     conn.execute("PRAGMA user_version = 1")
     conn.close()
     with pytest.raises(ValueError, match="older heterorl"):
-        plan_run(LearnerConfig(**settings_for(run_dir, resume=run_dir)))
+        plan_run(from_flat(LearnerConfig, **settings_for(run_dir, resume=run_dir)))

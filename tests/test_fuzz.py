@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from heterorl.common.config import from_flat
 from heterorl.common.contract import refusal_reason
 from heterorl.node.client import ClientSecurity, open_channel
 from heterorl.server.config import LearnerConfig
@@ -457,7 +458,7 @@ def world(tiny_cache, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fuzz")
     tokens = run_dir / "tokens"
     tokens.write_text("".join(f"{name}:{token}\n" for name, token in TOKENS.items()))
-    config = LearnerConfig(
+    config = from_flat(LearnerConfig,
         port=0, run_dir=run_dir, model="tiny", reward="digit_fraction", group_size=G, groups_per_step=8,
         max_new_tokens=MAX_NEW, eval_size=0, chunk_bytes=65536, lease_ttl_s=3600, max_inflight_groups=10**6,
         tokens_file=tokens, rate_calls_per_s=0, rate_groups_per_s=0,  # limits have their own tests
@@ -735,12 +736,12 @@ def test_books_balance_and_only_accepted_groups_are_stored(world):
     print(f"FUZZ accepted {len(world.accepted)} groups, refused {refused} requests")
     if world.tried["SubmitTrajectories"] < 1000:
         pytest.skip("run the whole module: this test checks what the fuzz tests before it did")
-    assert len(world.accepted) >= 2 * world.learner.config.groups_per_step and refused > 1000
+    assert len(world.accepted) >= 2 * world.learner.config.train.groups_per_step and refused > 1000
     # Nearly every rule was broken by some input and refused under its own reason.
     assert len(world.counted) >= 20, sorted(world.counted)
     # What was stored trains: one step on the oldest pending groups, all of them acknowledged, finite numbers.
     learner = world.learner
-    batch = list(learner.pending()[: learner.config.groups_per_step])
+    batch = list(learner.pending()[: learner.config.train.groups_per_step])
     record = learner.train_once(batch)
     assert set(record["leases"]) <= set(world.accepted) and len(record["leases"]) == len(set(record["leases"]))
     assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from heterorl.common.config import from_flat
 from heterorl.node.lag import LagPolicy, lognormal_lag
 from heterorl.node.config import SamplerConfig
 
@@ -53,4 +54,4 @@ def test_lognormal_policy_draws_a_new_lag_each_refresh_within_its_range():
 @pytest.mark.parametrize("kwargs", [{"lag_versions": -1}, {"lag_seconds": -1.0}, {"lag_dist": "uniform"}])
 def test_bad_lag_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
-        SamplerConfig(**kwargs)
+        from_flat(SamplerConfig, **kwargs)

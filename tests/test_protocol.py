@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from heterorl.cli import format_status
 from heterorl.common import codec
 from heterorl.common.contract import Reason, refusal_reason
+from heterorl.common.config import from_flat
 from heterorl.server.config import LearnerConfig
 from heterorl.server.errors import Refused
 from heterorl.server.learner import Learner
@@ -38,7 +39,7 @@ def _config(run_dir, **overrides) -> LearnerConfig:
         stop=STOP, max_prompt_tokens=200,
     )
     settings.update(overrides)
-    return LearnerConfig(**settings)
+    return from_flat(LearnerConfig, **settings)
 
 
 class Served:
@@ -425,7 +426,7 @@ class RefusingLearner:
     """Just enough of a Learner for the service to answer SubmitTrajectories: `submit` raises what it is told."""
 
     def __init__(self):
-        self.config = SimpleNamespace(group_size=G, max_new_tokens=MAX_NEW)
+        self.config = from_flat(LearnerConfig, group_size=G, max_new_tokens=MAX_NEW)
         self.vocab_size = 100
         self.version = 1
         self.refusal: Refused | None = None

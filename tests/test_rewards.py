@@ -72,12 +72,13 @@ def test_a_reward_that_cannot_be_imported_stops_the_learner_at_start():
 
 
 def test_the_learner_refuses_groups_its_reward_fails_on_and_keeps_serving(tiny_cache, tmp_path, monkeypatch):
+    from heterorl.common.config import from_flat
     from heterorl.server.config import LearnerConfig
     from heterorl.server.ingest import Submission
     from heterorl.server.learner import Learner
 
     monkeypatch.setenv("HETERORL_CACHE", str(tiny_cache))
-    learner = Learner(LearnerConfig(
+    learner = Learner(from_flat(LearnerConfig,
         port=0, run_dir=tmp_path / "run", model="tiny", reward=PATH + "hangs_on_odd", reward_timeout_s=0.5,
         group_size=2, groups_per_step=2, max_new_tokens=4, eval_size=0, max_inflight_groups=64, threads=1,
     ))

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from heterorl.common import codec
+from heterorl.common.config import from_flat
 from heterorl.common.contract import MAX_MESSAGE_BYTES, Reason, error_status
 from heterorl.common.model import encode_prompt, load_causal_lm, load_tokenizer, resolve_model
 from heterorl.common.weights import ENCODING_ANCHOR, weight_tensors
@@ -131,7 +132,7 @@ def run_sampler(model_dir, tmp_path, script: Script, max_groups: int):
     pb_grpc.add_LearnerServicer_to_server(learner, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    config = SamplerConfig(learner=f"127.0.0.1:{port}", name="scripted", engine="transformers", max_batch=1,
+    config = from_flat(SamplerConfig, learner=f"127.0.0.1:{port}", name="scripted", engine="transformers", max_batch=1,
                            cache_dir=tmp_path, heartbeat_s=0.2, max_groups=max_groups, retry_max_s=0.2,
                            give_up_s=30.0)
     stop = threading.Event()

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from heterorl import credentials
 from heterorl.cli import format_status
+from heterorl.common.config import from_flat
 from heterorl.common.contract import Reason, refusal_reason
 from heterorl.node.client import AuthenticationFailed, ClientSecurity, LearnerClient, RetryPolicy, open_channel
 from heterorl.server.config import LearnerConfig
@@ -161,7 +162,7 @@ def _config(run_dir: Path, **overrides) -> LearnerConfig:
         max_new_tokens=MAX_NEW, eval_size=0, chunk_bytes=65536, lease_ttl_s=60, max_inflight_groups=1000,
     )
     settings.update(overrides)
-    return LearnerConfig(**settings)
+    return from_flat(LearnerConfig, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ class Served:
 
     def __init__(self, learner: Learner, host: str = "127.0.0.1", **overrides):
         self.learner = learner
-        security = ServerSecurity.from_config(_config(learner.config.run_dir, **overrides))
+        security = ServerSecurity.from_config(_config(learner.config.run.run_dir, **overrides).security)
         self.server, self.port = build_server(learner, host, 0, security=security)
         self.server.start()
         self.target = f"127.0.0.1:{self.port}"
@@ -482,13 +483,12 @@ def test_learner_refuses_a_public_bind_without_credentials(tmp_path, tiny_cache)
     assert result.returncode == 2
     assert "refusing to listen on '0.0.0.0' without authentication" in result.stderr
     assert not (tmp_path / "run" / "learner.json").exists()
-    config = LearnerConfig(run_dir=tmp_path / "run", model="tiny", tokens_file=tmp_path / "missing")
     with pytest.raises(ValueError, match="cannot read tokens file"):
-        ServerSecurity.from_config(config)
+        ServerSecurity.from_config(from_flat(LearnerConfig, tokens_file=tmp_path / "missing").security)
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
-        ServerSecurity.from_config(LearnerConfig(run_dir=tmp_path / "run", tls_cert=tmp_path / "c"))
+        ServerSecurity.from_config(from_flat(LearnerConfig, tls_cert=tmp_path / "c").security)
     with pytest.raises(ValueError, match="needs --tls-cert"):
-        ServerSecurity.from_config(LearnerConfig(run_dir=tmp_path / "run", tls_client_ca=tmp_path / "c"))
+        ServerSecurity.from_config(from_flat(LearnerConfig, tls_client_ca=tmp_path / "c").security)
 
 
 @needs_openssl

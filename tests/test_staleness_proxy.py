@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import staleness_proxy as sp  # noqa: E402
+from heterorl.common.config import from_flat  # noqa: E402
 from heterorl.common.model import build_tiny_model_dir, encode_prompt, load_tokenizer  # noqa: E402
 from heterorl.common.tasks import ArithmeticTask, make_task  # noqa: E402
 from heterorl.server.config import LearnerConfig  # noqa: E402
@@ -21,9 +22,9 @@ QUICK = sp.WarmupSpec(steps=2, batch=4)
 def test_proxy_settings_are_accepted_by_the_learner_config(tmp_path: Path) -> None:
     json.dumps(sp.PROXY_TASK_OPTIONS)  # must travel as --task-options JSON
     task = make_task("arithmetic", **sp.PROXY_TASK_OPTIONS)
-    config = LearnerConfig(run_dir=tmp_path, task="arithmetic", task_options=json.dumps(sp.PROXY_TASK_OPTIONS),
-                           **sp.PROXY_LEARNER_FLAGS)
-    assert config.eval_size <= task.eval_size
+    config = from_flat(LearnerConfig, run_dir=tmp_path, task="arithmetic",
+                       task_options=json.dumps(sp.PROXY_TASK_OPTIONS), **sp.PROXY_LEARNER_FLAGS)
+    assert config.eval.eval_size <= task.eval_size
 
 
 def test_quick_build_uses_tiny_tokenizer_and_is_deterministic(tmp_path: Path) -> None:

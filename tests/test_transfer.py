@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from heterorl.common import codec
+from heterorl.common.config import from_flat
 from heterorl.common.contract import MAX_MESSAGE_BYTES
 from heterorl.common.model import resolve_model
 from heterorl.common.weights import ENCODING_ANCHOR, ENCODING_DELTA, WeightsCorrupt
@@ -269,7 +270,7 @@ class Served:
 def served(tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     model_dir = _wide_model_dir(resolve_model("tiny", cache=tiny_cache), root / "wide-model")
-    config = LearnerConfig(
+    config = from_flat(LearnerConfig,
         port=0, run_dir=root / "run", model=str(model_dir), reward="digit_fraction", group_size=2,
         groups_per_step=1, max_new_tokens=4, eval_size=0, chunk_bytes=CHUNK, keep_versions=4,
     )

@@ -94,11 +94,12 @@ def test_first_groups_always_checked_then_a_stable_share():
 
 def test_the_learner_keeps_a_lying_samplers_groups_aside_and_reports_it(tiny_cache, tmp_path, monkeypatch):
     """Real learner, real engine at the published version 1: honest groups train, invented log-probs do not."""
+    from heterorl.common.config import from_flat
     from heterorl.server.config import LearnerConfig
     from heterorl.server.learner import Learner, Submission
 
     monkeypatch.setenv("HETERORL_CACHE", str(tiny_cache))
-    learner = Learner(LearnerConfig(
+    learner = Learner(from_flat(LearnerConfig,
         port=0, run_dir=tmp_path / "run", model="tiny", reward="digit_fraction", group_size=4, groups_per_step=2,
         max_new_tokens=6, eval_size=0, max_inflight_groups=64, verify_first=4, quarantine_after=2, threads=1,
     ))
@@ -108,7 +109,8 @@ def test_the_learner_keeps_a_lying_samplers_groups_aside_and_reports_it(tiny_cac
         engine.load_weights(payload.encoding, payload.data, 1, 0, payload.weights_sha256)
         honest = learner.register("honest", "transformers", "cpu", 4)
         liar = learner.register("liar", "transformers", "cpu", 4)
-        sampling = SamplingSettings(temperature=learner.config.temperature, top_p=1.0, top_k=0, max_new_tokens=6)
+        temperature = learner.config.sampling.temperature
+        sampling = SamplingSettings(temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=6)
         for record, lie in ((honest, False), (liar, True), (honest, False), (liar, True)):
             [lease] = learner.lease(record.sampler_id, 1)
             [group] = engine.generate([list(lease.prompt_token_ids)], 4, sampling)

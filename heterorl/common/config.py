@@ -143,7 +143,7 @@ def settings(cls: type) -> dict[str, Setting]:
     for s in found:
         if s.name in table:
             raise TypeError(f"{cls.__name__}: setting {s.name} is in both [{table[s.name].section}] and [{s.section}]")
-        if s.name in _RESERVED or s.name in groups:
+        if s.name in _RESERVED or (s.name in groups and s.section != s.name):
             raise TypeError(f"{cls.__name__}: {s.name} is reserved and cannot be a setting name")
         table[s.name] = s
     return table
@@ -217,7 +217,7 @@ def _values_from_toml(cls: type, data: Mapping[str, Any]) -> tuple[dict[str, Any
             for sub_key, sub_value in value.items():
                 take(sub_key, sub_value, key)
         elif key in groups:
-            problems.append(f"{key} must be a [{key}] table")
+            problems.append(f"{key}: belongs in [{key}]" if key in table else f"{key} must be a [{key}] table")
         elif key in table:
             problems.append(f"{key}: belongs in [{table[key].section}]")
         else:

@@ -63,3 +63,4 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # library warnings become records too, so a JSON log stays all JSON

@@ -1,4 +1,7 @@
-"""The sampler's settings: one flat dataclass, each field a flag and a TOML key (`heterorl.common.config`)."""
+"""The sampler's settings: a top config of sections, each a TOML table; every setting is also one flat flag.
+
+See heterorl.common.config: `[connection] give_up_s = 30` in a file, `--give-up-s 30` on the command line.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heterorl.common.config import field as setting
+from heterorl.common.config import section
 from heterorl.common.contract import MAX_LEASE_BATCH, MAX_NAME_CHARS, TOKEN_ENV
+from heterorl.common.logs import LoggingConfig
 from heterorl.node.engine_base import check_engine, default_engine
 from heterorl.node.lag import LagPolicy
 from heterorl.node.retry import RetryPolicy
 
 
 @dataclass
-class SamplerConfig:
+class SamplerSection:
+    """Which learner, who this sampler is, and what it generates with."""
+
     learner: str = setting("127.0.0.1:50051", "learner address HOST:PORT")
     name: str = setting("", "name shown in `heterorl status` (default: host-pid)")
     engine: str = setting(default_engine(), "generation engine: vllm (the default where it is installed) or transformers")
@@ -24,25 +31,7 @@ class SamplerConfig:
     threads: int = setting(0, "torch threads (0 = torch default)")
     seed: int = setting(0, "sampling seed")
     cache_dir: Path | None = setting(None, "where model files from the learner are kept (default: heterorl cache)")
-    heartbeat_s: float = setting(10.0, "seconds between heartbeats")
     max_groups: int = setting(0, "exit after this many acknowledged groups (0 = run until stopped)")
-    retry_max_s: float = setting(10.0, "longest pause between reconnection attempts")
-    give_up_s: float = setting(0.0, "exit when the learner stays unreachable this long (0 = never)")
-    # deliberate lag, for staleness experiments (see heterorl/node/lag.py)
-    lag_versions: int = setting(0, "lag on purpose: refresh weights only once the learner is this many versions ahead")
-    lag_seconds: float = setting(0.0, "lag on purpose: refresh weights only once the held version is this many seconds old")
-    lag_dist: str = setting(
-        "fixed", "'fixed', or 'lognormal': each refresh draws the lag from the paper's log-normal scaled so its "
-        "99.75%% quantile is the lag setting (0.25%% quantile: 1/32 of it)"
-    )
-    # security (heterorl/node/security.py ClientSecurity); a token itself is never a flag
-    token_file: Path | None = setting(None, "file holding this sampler's token ('token' or 'name:token'; default: "
-                                            f"the {TOKEN_ENV} environment variable)")
-    tls_ca: Path | None = setting(None, "PEM CA to verify the learner's certificate with; turns TLS on")
-    tls_cert: Path | None = setting(None, "PEM client certificate for mutual TLS (with --tls-key); turns TLS on")
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
-    tls_server_name: str = setting("", "name the learner's certificate carries when it differs from the dialled host; "
-                                       "turns TLS on")
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -52,11 +41,66 @@ class SamplerConfig:
             raise ValueError(f"max_batch must be in 1..{MAX_LEASE_BATCH}")
         if ":" not in self.learner:
             raise ValueError(f"learner must be HOST:PORT, got {self.learner!r}")
-        self.lag_policy()  # validates the lag settings early
-        self.retry_policy()
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
 
-    def lag_policy(self) -> LagPolicy:
-        return LagPolicy(versions=self.lag_versions, seconds=self.lag_seconds, dist=self.lag_dist, seed=self.seed)
+
+@dataclass
+class ConnectionSection:
+    """Heartbeats and how long to keep retrying an unreachable learner."""
+
+    heartbeat_s: float = setting(10.0, "seconds between heartbeats")
+    retry_max_s: float = setting(10.0, "longest pause between reconnection attempts")
+    give_up_s: float = setting(0.0, "exit when the learner stays unreachable this long (0 = never)")
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_s > 0:
+            raise ValueError("heartbeat_s must be > 0")
+        self.retry_policy()  # its checks
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(initial_s=min(0.5, self.retry_max_s), max_s=self.retry_max_s, give_up_s=self.give_up_s)
+
+
+@dataclass
+class LagSection:
+    """Deliberate lag, for staleness experiments (heterorl/node/lag.py)."""
+
+    lag_versions: int = setting(0, "lag on purpose: refresh weights only once the learner is this many versions ahead")
+    lag_seconds: float = setting(0.0, "lag on purpose: refresh weights only once the held version is this many seconds old")
+    lag_dist: str = setting(
+        "fixed", "'fixed', or 'lognormal': each refresh draws the lag from the paper's log-normal scaled so its "
+        "99.75%% quantile is the lag setting (0.25%% quantile: 1/32 of it)"
+    )
+
+    def __post_init__(self) -> None:
+        self.lag_policy(seed=0)  # its checks
+
+    def lag_policy(self, seed: int) -> LagPolicy:
+        return LagPolicy(versions=self.lag_versions, seconds=self.lag_seconds, dist=self.lag_dist, seed=seed)
+
+
+@dataclass
+class ClientSecuritySection:
+    """How the sampler proves itself and verifies the learner (heterorl/node/security.py); a token is never a flag."""
+
+    token_file: Path | None = setting(None, "file holding this sampler's token ('token' or 'name:token'; default: "
+                                            f"the {TOKEN_ENV} environment variable)")
+    tls_ca: Path | None = setting(None, "PEM CA to verify the learner's certificate with; turns TLS on")
+    tls_cert: Path | None = setting(None, "PEM client certificate for mutual TLS (with --tls-key); turns TLS on")
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
+    tls_server_name: str = setting("", "name the learner's certificate carries when it differs from the dialled host; "
+                                       "turns TLS on")
+
+
+@dataclass
+class SamplerConfig:
+    sampler: SamplerSection = section(SamplerSection)
+    connection: ConnectionSection = section(ConnectionSection)
+    lag: LagSection = section(LagSection)
+    security: ClientSecuritySection = section(ClientSecuritySection)
+    logging: LoggingConfig = section(LoggingConfig)
+
+    def lag_policy(self) -> LagPolicy:
+        """The lag policy, seeded with the sampler's seed."""
+        return self.lag.lag_policy(seed=self.sampler.seed)

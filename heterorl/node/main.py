@@ -15,6 +15,7 @@ import threading
 import grpc
 
 from heterorl.common import config as config_lib
+from heterorl.common.logs import setup_logging
 from heterorl.node.config import SamplerConfig
 
 log = logging.getLogger("heterorl.node")
@@ -22,24 +23,22 @@ log = logging.getLogger("heterorl.node")
 
 def parse_config(argv: list[str] | None = None) -> SamplerConfig:
     return config_lib.parse(
-        SamplerConfig, "heterorl-sampler", "A heterorl sampler: pulls weights from a learner, generates, scores, streams groups back.", argv
+        SamplerConfig, "heterorl-sampler",
+        "A heterorl sampler: pulls weights from a learner, generates, scores, streams groups back.", argv,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stdout, force=True,
-        format=f"[sampler {config.name} %(asctime)s] %(message)s", datefmt="%H:%M:%S",
-    )
+    setup_logging(config.logging.log_level, config.logging.log_format)
     import torch
 
     from heterorl.common.contract import refusal_reason
     from heterorl.node.client import AuthenticationFailed
     from heterorl.node.sampler import Sampler, UnsupportedRun
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if config.sampler.threads:
+        torch.set_num_threads(config.sampler.threads)
 
     stop = threading.Event()
 
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler = Sampler(config, stop)
     except ValueError as err:  # an unreadable or malformed token, certificate or key file
-        print(f"heterorl-sampler: error: {err}", file=sys.stderr)
+        log.error("stopping: %s", err)
         return 2
     try:
         stats = sampler.run()

@@ -120,10 +120,9 @@ class Sampler:
     def __init__(self, config: SamplerConfig, stop: threading.Event):
         self.config = config
         self.stop = stop
-        security = ClientSecurity.load(
-            config.token_file, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name
-        )
-        self.client = LearnerClient(config.learner, config.retry_policy(), stop=stop, security=security)
+        security = ClientSecurity.from_config(config.security)
+        self.client = LearnerClient(config.sampler.learner, config.connection.retry_policy(), stop=stop,
+                                    security=security)
         self.stats = SamplerStats()
         self.session: _Session | None = None
         self.previous: _Session | None = None  # the session before a re-registration: its engine may be reused
@@ -136,22 +135,23 @@ class Sampler:
     # -- session
 
     def _connect(self) -> _Session:
+        settings = self.config.sampler
         self.client.wait_ready()
         reply = self.client.register(
-            self.config.name, self.config.engine, self.config.device, self.config.max_batch, CLIENT_VERSION
+            settings.name, settings.engine, settings.device, settings.max_batch, CLIENT_VERSION
         )
         run = reply.run
         dtype = weights_dtype(run.weights_dtype)  # UnsupportedRun: this sampler cannot serve the run at all
         sampling = SamplingSettings.from_proto(run.sampling)
         files = self.client.model_files(reply.sampler_id)
-        model_dir = _install_model_files(files, self.config.cache_dir or cache_root())
+        model_dir = _install_model_files(files, settings.cache_dir or cache_root())
         old, self.previous = self.previous, None
         if old is not None and old.model_files_sha256 == files.files_sha256 and old.engine.weights_dtype == dtype:
             engine = old.engine  # same architecture: keep the loaded weights; a delta/anchor resyncs them
         else:
             if old is not None:
                 old.engine.close()  # another model: free the old engine first (two vLLM engines cannot share a process)
-            engine = create_engine(self.config.engine, model_dir, seed=self.config.seed, weights_dtype=dtype)
+            engine = create_engine(settings.engine, model_dir, seed=settings.seed, weights_dtype=dtype)
         if old is not None and old.run.run_id != run.run_id:
             engine.version = 0
         # Groups stamped with another id (another run, or a registration the learner forgot) cannot be accepted.
@@ -283,7 +283,7 @@ class Sampler:
         self.client.with_retries("submit", lambda: self._send_outbox(session))
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
-        while not stop.wait(self.config.heartbeat_s):
+        while not stop.wait(self.config.connection.heartbeat_s):
             session = self.session
             if session is None:
                 continue
@@ -304,7 +304,7 @@ class Sampler:
             self._flush(session)
         if self._refresh_due(session):
             self._sync_weights(session)
-        reply = self.client.lease(session.sampler_id, self.config.max_batch)
+        reply = self.client.lease(session.sampler_id, self.config.sampler.max_batch)
         self._note_version(reply.current_version)
         leases = self._fitting(session, list(reply.leases))
         if not leases:
@@ -317,7 +317,7 @@ class Sampler:
     def _loop(self) -> None:
         stop = self.stop
         while not stop.is_set():
-            if self.config.max_groups and self.stats.groups_acked >= self.config.max_groups:
+            if self.config.sampler.max_groups and self.stats.groups_acked >= self.config.sampler.max_groups:
                 return
             try:
                 self._step()
@@ -329,7 +329,7 @@ class Sampler:
                     log.info("the learner does not know this sampler (it restarted?); registering again")
                     self._drop_session()
                 elif is_transient(err):  # the retry policy gave up
-                    log.error("learner unreachable for %.0fs; giving up", self.config.give_up_s)
+                    log.error("learner unreachable for %.0fs; giving up", self.config.connection.give_up_s)
                     return
                 else:
                     raise

@@ -10,11 +10,14 @@ import collections
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import grpc
 
 from heterorl.common.contract import TOKEN_ENV, bearer, token_from_text
+
+if TYPE_CHECKING:
+    from heterorl.node.config import ClientSecuritySection
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
@@ -54,6 +57,11 @@ class ClientSecurity:
         tls = any(p is not None for p in (tls_ca, tls_cert)) or bool(server_name)
         return cls(token=token, tls_ca=_read(tls_ca, "CA certificate"), tls_cert=_read(tls_cert, "client certificate"),
                    tls_key=_read(tls_key, "client key"), tls=tls, server_name=server_name)
+
+    @classmethod
+    def from_config(cls, config: ClientSecuritySection) -> "ClientSecurity":
+        """From the `[security]` section of a sampler's config (see `load`)."""
+        return cls.load(config.token_file, config.tls_ca, config.tls_cert, config.tls_key, config.tls_server_name)
 
     def describe(self) -> str:
         parts = (["mutual TLS" if self.tls_cert else "TLS"] if self.tls else ["plaintext"])

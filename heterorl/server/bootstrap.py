@@ -46,17 +46,17 @@ class RunInputs:
 
 
 def load(config: LearnerConfig) -> RunInputs:
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    model_dir = model_lib.resolve_model(config.model)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    torch.manual_seed(config.run.seed)
+    model_dir = model_lib.resolve_model(config.run.model)
     tokenizer = model_lib.load_tokenizer(model_dir)
     model = model_lib.load_causal_lm(model_dir, dtype=torch.float32)
-    task = make_task(config.task, **{"seed": config.seed, **config.task_kwargs()})
+    task = make_task(config.run.task, **{"seed": config.run.seed, **config.run.task_kwargs()})
     held_out = task.eval_problems()
-    if config.eval_size > len(held_out):
+    if config.eval.eval_size > len(held_out):
         logger.warning("eval_size %d > %d held-out problems of the task; using all of them",
-                       config.eval_size, len(held_out))
+                       config.eval.eval_size, len(held_out))
     # Samplers may rebuild the task to score their own completions only if its questions verify themselves.
     probe = task.train_problem(0).question
     return RunInputs(
@@ -67,8 +67,8 @@ def load(config: LearnerConfig) -> RunInputs:
         pad_id=pad_id(tokenizer),
         model_files=read_model_files(model_dir),
         task=task,
-        reward_name=config.reward or task.default_reward,
-        eval_problems=held_out[: config.eval_size],
+        reward_name=config.run.reward or task.default_reward,
+        eval_problems=held_out[: config.eval.eval_size],
         sampler_task_options=json.dumps(task.options()) if task.local_reference(probe) is not None else "",
     )
 

@@ -1,4 +1,9 @@
-"""Everything a learner run is configured by: one dataclass, settable from TOML and flags."""
+"""Everything a learner run is configured by: a top config of sections, each a TOML table.
+
+Every setting name is unique across the sections, so each is also one flat flag (`--group-size 4`) and one keyword
+of `from_flat(LearnerConfig, group_size=4)` (heterorl.common.config). In TOML a setting lives in its section's
+table: `[train] group_size = 4`. Each section checks its own settings; the top config checks what spans two.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,22 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from heterorl.common.config import field
+from heterorl.common.config import field, section
+from heterorl.common.logs import LoggingConfig
 from heterorl.server.losses import LossConfig
 from heterorl.server.trust import TrustConfig
 
 
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass
-class LearnerConfig:
-    host: str = field("127.0.0.1", "address to bind the gRPC server to")
-    port: int = field(50051, "port to bind (0 picks a free one; it is written to RUN_DIR/learner.json)")
-    run_dir: Path = field(Path("runs/learner"), "directory for metrics, checkpoint and summary")
+class RunSection:
+    """What the run is: model, task, reward, seed, where it lives and how long it trains."""
+
     model: str = field("smollm2-135m", "'smollm2-135m', 'tiny', or a local Hugging Face causal-LM directory")
     task: str = field("arithmetic", "'arithmetic' or 'jsonl'")
     task_path: Path | None = field(None, "JSONL file with question/answer lines (task 'jsonl')")
@@ -24,96 +35,18 @@ class LearnerConfig:
     reward_timeout_s: float = field(10.0, "seconds a 'module:function' reward may take per group before the group "
                                           "is refused (it runs in a worker process that is then replaced)")
     seed: int = field(0, "seed for the prompt stream, model init of 'tiny' and sampling on the learner")
-    # RL settings
-    loss: str = field("gepo", "gepo | grpo | gspo | dr_grpo | reinforce")
-    eps_low: float = field(0.2, "lower clip range of the importance weight")
-    eps_high: float = field(0.2, "upper clip range of the importance weight")
-    beta_k3: float = field(0.0, "weight of the k3 penalty toward the behaviour policy")
-    adv_norm: str = field("mean", "group advantage: 'mean' (r - mean) or 'mean_std'")
-    group_size: int = field(8, "completions per prompt (G)")
-    groups_per_step: int = field(4, "prompt groups per optimizer step (B)")
-    lr: float = field(4e-6, "AdamW learning rate")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
-    max_staleness: int | None = field(None, "drop (and count) groups more than this many versions old")
+    run_dir: Path = field(Path("runs/learner"), "directory for metrics, checkpoint and summary")
     max_steps: int = field(0, "stop after this many optimizer steps (0 = run until stopped)")
-    # sampling, imposed on every sampler
-    temperature: float = field(0.7, "sampling temperature (the learner scores log-probs at the same temperature)")
-    top_p: float = field(1.0, "nucleus sampling mass (1 disables)")
-    top_k: int = field(0, "top-k truncation (0 disables)")
-    max_new_tokens: int = field(16, "most tokens per completion")
-    stop: list[str] = field([], "stop strings: a completion ends at the first one it produces")
-    max_prompt_tokens: int = field(1024, "longest prompt in tokens; longer prompts of the task are skipped")
-    # leases and flow control
-    lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group")
-    max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
-    # evaluation
-    eval_every: int = field(10, "evaluate on the held-out split every N steps (0 = only first and last)")
-    eval_size: int = field(200, "held-out problems per evaluation (at most the task's held-out split)")
-    eval_max_new_tokens: int = field(0, "tokens per evaluation answer (0 = max_new_tokens)")
-    # weights
-    keep_versions: int = field(4, "published versions kept for samplers to fetch")
-    chunk_bytes: int = field(2 << 20, "bytes per weight chunk on the wire")
     threads: int = field(0, "torch threads (0 = torch default)")
-    # security (heterorl/server/auth.py); a token itself is never a flag, only a file
-    tokens_file: Path | None = field(None, "file of sampler tokens, one 'name:token' per line ('#' comments); "
-                                           "re-read when it changes")
-    tls_cert: Path | None = field(None, "PEM certificate (chain) of the server; with --tls-key turns TLS on")
-    tls_key: Path | None = field(None, "PEM private key of --tls-cert")
-    tls_client_ca: Path | None = field(None, "PEM CA that client certificates must chain to (mutual TLS)")
-    insecure: bool = field(False, "allow listening beyond loopback with neither tokens nor client certificates")
-    rate_calls_per_s: float = field(50.0, "calls per second allowed per sampler, sustained (0 = no limit)")
-    rate_calls_burst: float = field(200.0, "calls a sampler may make at once above the sustained rate")
-    rate_groups_per_s: float = field(200.0, "trajectory groups per second accepted per sampler (0 = no limit)")
-    rate_groups_burst: float = field(800.0, "groups a sampler may send at once above the sustained rate")
-    # durability (heterorl/server/db.py, heterorl/server/checkpoint.py)
-    resume: Path | None = field(None, "continue the run in this RUN_DIR from its database and last checkpoint")
-    resume_existing: bool = field(False, "when RUN_DIR already holds a run, continue it (as --resume RUN_DIR) "
-                                         "instead of refusing: for learners restarted by a service manager")
-    checkpoint_every: int = field(10, "write a resumable train-state checkpoint every N steps (0 = only at the end "
-                                      "and on SIGTERM)")
-    db_sync: str = field("full", "run database commits: 'full' (fsync each commit; acks survive power loss) or "
-                                 "'normal' (acks survive any learner crash, not an OS crash)")
-    # trust (heterorl/server/trust.py)
-    verify_fraction: float = field(0.25, "share of groups whose log-probs are recomputed under their version")
-    verify_first: int = field(4, "a new sampler's first groups are always recomputed")
-    logprob_tolerance: float = field(0.05, "mean |claimed - recomputed| log-prob per token (nats) that is a mismatch")
-    quarantine_after: int = field(2, "mismatched groups after which a sampler is quarantined (its groups not trained)")
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        if self.resume is not None:
-            self.resume = Path(self.resume)
         if self.task_path is not None:
             self.task_path = Path(self.task_path)
-        checks = [
-            (0 <= self.port <= 65535, "port must be in 0..65535"),
-            (1 <= self.group_size <= 256, "group_size must be in 1..256"),
-            (1 <= self.groups_per_step <= 4096, "groups_per_step must be in 1..4096"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (1 <= self.max_new_tokens <= 32768, "max_new_tokens must be in 1..32768"),
-            (1 <= self.max_prompt_tokens <= 1 << 20, "max_prompt_tokens must be in 1..1048576"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
-            (len(self.stop) <= 16, "at most 16 stop strings"),
+        _check([
             (self.reward_timeout_s > 0, "reward_timeout_s must be > 0"),
-            (self.lease_ttl_s > 0, "lease_ttl_s must be > 0"),
-            (self.max_inflight_groups >= 0, "max_inflight_groups must be >= 0"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
-            (self.eval_every >= 0 and self.eval_size >= 0, "eval_every and eval_size must be >= 0"),
-            (self.keep_versions >= 1, "keep_versions must be >= 1"),
-            (64 << 10 <= self.chunk_bytes <= 3 << 20, "chunk_bytes must be in 64 KiB..3 MiB"),
-            (self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.db_sync in ("full", "normal"), f"db_sync must be 'full' or 'normal', got {self.db_sync!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        self.loss_config()  # validates the loss settings early
-        self.trust_config()
+        ])
         self.task_kwargs()
 
     def task_kwargs(self) -> dict:
@@ -128,27 +61,177 @@ class LearnerConfig:
             options["path"] = self.task_path
         return options
 
-    def trust_config(self) -> TrustConfig:
-        return TrustConfig(
-            verify_fraction=self.verify_fraction,
-            verify_first=self.verify_first,
-            tolerance=self.logprob_tolerance,
-            quarantine_after=self.quarantine_after,
-        )
+
+@dataclass
+class ServeSection:
+    """Where the learner listens, how long leases last, how many groups may be out, how weights travel."""
+
+    host: str = field("127.0.0.1", "address to bind the gRPC server to")
+    port: int = field(50051, "port to bind (0 picks a free one; it is written to RUN_DIR/learner.json)")
+    lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group")
+    max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
+    keep_versions: int = field(4, "published versions kept for samplers to fetch")
+    chunk_bytes: int = field(2 << 20, "bytes per weight chunk on the wire")
+
+    def __post_init__(self) -> None:
+        _check([
+            (0 <= self.port <= 65535, "port must be in 0..65535"),
+            (self.lease_ttl_s > 0, "lease_ttl_s must be > 0"),
+            (self.max_inflight_groups >= 0, "max_inflight_groups must be >= 0"),
+            (self.keep_versions >= 1, "keep_versions must be >= 1"),
+            (64 << 10 <= self.chunk_bytes <= 3 << 20, "chunk_bytes must be in 64 KiB..3 MiB"),
+        ])
+
+
+@dataclass
+class TrainSection:
+    """The optimizer and what it trains on: group shape, learning rate, staleness allowed."""
+
+    group_size: int = field(8, "completions per prompt (G)")
+    groups_per_step: int = field(4, "prompt groups per optimizer step (B)")
+    lr: float = field(4e-6, "AdamW learning rate")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
+    max_staleness: int | None = field(None, "drop (and count) groups more than this many versions old")
+
+    def __post_init__(self) -> None:
+        _check([
+            (1 <= self.group_size <= 256, "group_size must be in 1..256"),
+            (1 <= self.groups_per_step <= 4096, "groups_per_step must be in 1..4096"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0"),
+        ])
+
+
+@dataclass
+class LossSection:
+    """The policy loss (heterorl/server/losses.py) and its hyper-parameters."""
+
+    loss: str = field("gepo", "gepo | grpo | gspo | dr_grpo | reinforce")
+    eps_low: float = field(0.2, "lower clip range of the importance weight")
+    eps_high: float = field(0.2, "upper clip range of the importance weight")
+    beta_k3: float = field(0.0, "weight of the k3 penalty toward the behaviour policy")
+    adv_norm: str = field("mean", "group advantage: 'mean' (r - mean) or 'mean_std'")
+
+    def __post_init__(self) -> None:
+        self.loss_config()  # its checks
 
     def loss_config(self) -> LossConfig:
-        return LossConfig(
-            name=self.loss,
-            eps_low=self.eps_low,
-            eps_high=self.eps_high,
-            beta_k3=self.beta_k3,
-            adv_norm=self.adv_norm,
-        )
+        return LossConfig(name=self.loss, eps_low=self.eps_low, eps_high=self.eps_high, beta_k3=self.beta_k3,
+                          adv_norm=self.adv_norm)
+
+
+@dataclass
+class SamplingSection:
+    """How every sampler generates (imposed on them at registration); the learner scores at the same settings."""
+
+    temperature: float = field(0.7, "sampling temperature (the learner scores log-probs at the same temperature)")
+    top_p: float = field(1.0, "nucleus sampling mass (1 disables)")
+    top_k: int = field(0, "top-k truncation (0 disables)")
+    max_new_tokens: int = field(16, "most tokens per completion")
+    stop: list[str] = field([], "stop strings: a completion ends at the first one it produces")
+    max_prompt_tokens: int = field(1024, "longest prompt in tokens; longer prompts of the task are skipped")
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.temperature > 0, "temperature must be > 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (1 <= self.max_new_tokens <= 32768, "max_new_tokens must be in 1..32768"),
+            (1 <= self.max_prompt_tokens <= 1 << 20, "max_prompt_tokens must be in 1..1048576"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (len(self.stop) <= 16, "at most 16 stop strings"),
+        ])
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation (greedy, on the learner)."""
+
+    eval_every: int = field(10, "evaluate on the held-out split every N steps (0 = only first and last)")
+    eval_size: int = field(200, "held-out problems per evaluation (at most the task's held-out split)")
+    eval_max_new_tokens: int = field(0, "tokens per evaluation answer (0 = max_new_tokens)")
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.eval_every >= 0 and self.eval_size >= 0, "eval_every and eval_size must be >= 0"),
+            (self.eval_max_new_tokens >= 0, "eval_max_new_tokens must be >= 0"),
+        ])
+
+
+@dataclass
+class TrustSection:
+    """Recomputing samplers' claimed log-probs (heterorl/server/trust.py)."""
+
+    verify_fraction: float = field(0.25, "share of groups whose log-probs are recomputed under their version")
+    verify_first: int = field(4, "a new sampler's first groups are always recomputed")
+    logprob_tolerance: float = field(0.05, "mean |claimed - recomputed| log-prob per token (nats) that is a mismatch")
+    quarantine_after: int = field(2, "mismatched groups after which a sampler is quarantined (its groups not trained)")
+
+    def __post_init__(self) -> None:
+        self.trust_config()  # its checks
+
+    def trust_config(self) -> TrustConfig:
+        return TrustConfig(verify_fraction=self.verify_fraction, verify_first=self.verify_first,
+                           tolerance=self.logprob_tolerance, quarantine_after=self.quarantine_after)
+
+
+@dataclass
+class SecuritySection:
+    """Who may call (heterorl/server/security.py); a token itself is never a setting, only a file."""
+
+    tokens_file: Path | None = field(None, "file of sampler tokens, one 'name:token' per line ('#' comments); "
+                                           "re-read when it changes")
+    tls_cert: Path | None = field(None, "PEM certificate (chain) of the server; with --tls-key turns TLS on")
+    tls_key: Path | None = field(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = field(None, "PEM CA that client certificates must chain to (mutual TLS)")
+    insecure: bool = field(False, "allow listening beyond loopback with neither tokens nor client certificates")
+    rate_calls_per_s: float = field(50.0, "calls per second allowed per sampler, sustained (0 = no limit)")
+    rate_calls_burst: float = field(200.0, "calls a sampler may make at once above the sustained rate")
+    rate_groups_per_s: float = field(200.0, "trajectory groups per second accepted per sampler (0 = no limit)")
+    rate_groups_burst: float = field(800.0, "groups a sampler may send at once above the sustained rate")
+
+
+@dataclass
+class DurabilitySection:
+    """The run database and checkpoints (heterorl/server/db.py, heterorl/server/checkpoint.py)."""
+
+    resume: Path | None = field(None, "continue the run in this RUN_DIR from its database and last checkpoint")
+    resume_existing: bool = field(False, "when RUN_DIR already holds a run, continue it (as --resume RUN_DIR) "
+                                         "instead of refusing: for learners restarted by a service manager")
+    checkpoint_every: int = field(10, "write a resumable train-state checkpoint every N steps (0 = only at the end "
+                                      "and on SIGTERM)")
+    db_sync: str = field("full", "run database commits: 'full' (fsync each commit; acks survive power loss) or "
+                                 "'normal' (acks survive any learner crash, not an OS crash)")
+
+    def __post_init__(self) -> None:
+        if self.resume is not None:
+            self.resume = Path(self.resume)
+        _check([
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.db_sync in ("full", "normal"), f"db_sync must be 'full' or 'normal', got {self.db_sync!r}"),
+        ])
+
+
+@dataclass
+class LearnerConfig:
+    run: RunSection = section(RunSection)
+    serve: ServeSection = section(ServeSection)
+    train: TrainSection = section(TrainSection)
+    loss: LossSection = section(LossSection)
+    sampling: SamplingSection = section(SamplingSection)
+    eval: EvalSection = section(EvalSection)
+    trust: TrustSection = section(TrustSection)
+    security: SecuritySection = section(SecuritySection)
+    durability: DurabilitySection = section(DurabilitySection)
+    logging: LoggingConfig = section(LoggingConfig)
 
     @property
     def inflight_limit(self) -> int:
-        return self.max_inflight_groups or 3 * self.groups_per_step
+        """Most groups leased or waiting to be trained."""
+        return self.serve.max_inflight_groups or 3 * self.train.groups_per_step
 
     @property
     def eval_tokens(self) -> int:
-        return self.eval_max_new_tokens or self.max_new_tokens
+        """Tokens per evaluation answer."""
+        return self.eval.eval_max_new_tokens or self.sampling.max_new_tokens

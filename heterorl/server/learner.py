@@ -60,25 +60,28 @@ class Learner:
         config = self.config = plan.config
         self.run_id = uuid.uuid4().hex[:12]
         self.started = time.time()
-        config.run_dir.mkdir(parents=True, exist_ok=True)
+        config.run.run_dir.mkdir(parents=True, exist_ok=True)
         self.inputs = bootstrap.load(config)
-        self.scorer = Scorer(self.inputs.reward_name, config.reward_timeout_s)
+        self.scorer = Scorer(self.inputs.reward_name, config.run.reward_timeout_s)
         self.trainer = Trainer(self.inputs.model, pad_id=self.inputs.pad_id, config=TrainerConfig(
-            lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-            temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, loss=config.loss_config(),
+            lr=config.train.lr, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
+            temperature=config.sampling.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+            loss=config.loss.loss_config(),
         ))
-        self.versions = VersionStore(keep=config.keep_versions, chunk_bytes=config.chunk_bytes)
-        self.trust = TrustBook(config.trust_config())
+        self.versions = VersionStore(keep=config.serve.keep_versions, chunk_bytes=config.serve.chunk_bytes)
+        self.trust = TrustBook(config.trust.trust_config())
         self._verifier: Verifier | None = None
-        self.db = plan.db or RunDB.create(config.run_dir / DB_NAME, self.run_id, to_dict(config), config.db_sync)
+        self.db = plan.db or RunDB.create(config.run.run_dir / DB_NAME, self.run_id, to_dict(config, flat=True),
+                                          config.durability.db_sync)
         self.lock = threading.Lock()
         self.groups_ready = threading.Condition(self.lock)
         self.leases = LeaseBook(problem_at=self.inputs.task.train_problem, encode=self.inputs.encode,
-                                ttl_s=config.lease_ttl_s, journal=self.db, max_prompt_tokens=config.max_prompt_tokens)
+                                ttl_s=config.serve.lease_ttl_s, journal=self.db,
+                                max_prompt_tokens=config.sampling.max_prompt_tokens)
         self.store = TrajectoryStore()
         self.registry = Registry()
         self.stats = RunStats()
-        self.metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(config.run.run_dir / "metrics.jsonl")
         self.checkpoint_step = -1  # step of the newest recorded train-state checkpoint (-1: none)
         self.ingest = Ingest(self.lock, self.groups_ready, self.registry, self.leases, self.store, self.scorer,
                              self.inputs.decode, config.inflight_limit)
@@ -113,7 +116,7 @@ class Learner:
     def verifier(self) -> Verifier:
         """Built on the first check: its own copy of the model, so it costs nothing until a group is checked."""
         if self._verifier is None:
-            c = self.config
+            c = self.config.sampling
             self._verifier = Verifier(self.trainer.model, self.inputs.pad_id, c.temperature, c.top_k, c.top_p)
         return self._verifier
 
@@ -165,8 +168,8 @@ class Learner:
                 uptime_s=now - self.started,
                 last_reward_mean=self.stats.last_reward_mean,
                 last_eval_accuracy=self.stats.last_eval_accuracy,
-                task=self.config.task,
-                loss=self.config.loss,
+                task=self.config.run.task,
+                loss=self.config.loss.loss,
                 reward_disagreements=self.registry.total_disagreements(),
                 groups_refused_reward=self.scorer.counts.refused,
             )

@@ -33,13 +33,13 @@ def run(learner: Learner, stop: threading.Event) -> dict:
     """Train until max_steps (or stop); evaluate first, every eval_every steps and last; return the summary."""
     config, trainer, stats = learner.config, learner.trainer, learner.stats
     started = time.time()
-    (config.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    if config.eval_size and not (stats.eval_history and stats.eval_history[-1][0] == trainer.step):
+    (config.run.run_dir / "config.json").write_text(json.dumps(to_dict(config, flat=True), indent=2))
+    if config.eval.eval_size and not (stats.eval_history and stats.eval_history[-1][0] == trainer.step):
         evaluate(learner)  # a resumed run has evaluated this step already
     while not stop.is_set():
         if learner.db.failed is not None:
             raise DurabilityError(f"the run database failed: {learner.db.failed}")
-        if config.max_steps and trainer.step >= config.max_steps:
+        if config.run.max_steps and trainer.step >= config.run.max_steps:
             break
         batch = wait_for_groups(learner, stop)
         batch = screen(learner, batch)
@@ -49,15 +49,15 @@ def run(learner: Learner, stop: threading.Event) -> dict:
         logger.info("step %d: loss %.4f reward %.3f staleness %.1f (max %d) grad %.3f %.1fs", record["step"],
                     record["loss"], record["reward_mean"], record["staleness_mean"], record["staleness_max"],
                     record["grad_norm"], record["train_seconds"])
-        if config.eval_every and trainer.step % config.eval_every == 0 and config.eval_size:
+        if config.eval.eval_every and trainer.step % config.eval.eval_every == 0 and config.eval.eval_size:
             evaluate(learner)
-        if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
+        if config.durability.checkpoint_every and trainer.step % config.durability.checkpoint_every == 0:
             write_train_state(learner)
     finished = not stop.is_set()  # a stop request skips the final evaluation so that stopping is prompt
-    if finished and config.eval_size and stats.eval_history[-1][0] != trainer.step:
+    if finished and config.eval.eval_size and stats.eval_history[-1][0] != trainer.step:
         evaluate(learner)
     write_train_state(learner)  # at the end, and on SIGTERM: `--resume` continues from here
-    exported = ckpt.export_model(config.run_dir, trainer.model, learner.inputs.tokenizer)
+    exported = ckpt.export_model(config.run.run_dir, trainer.model, learner.inputs.tokenizer)
     return write_summary(learner, started, exported)
 
 
@@ -65,7 +65,7 @@ def wait_for_groups(learner: Learner, stop: threading.Event) -> list[StoredGroup
     """Block until B fresh-enough groups are stored (or stop); stale ones are dropped and counted."""
     batch: list[StoredGroup] = []
     drops: list[Ticket | None] = []
-    needed, max_staleness = learner.config.groups_per_step, learner.config.max_staleness
+    needed, max_staleness = learner.config.train.groups_per_step, learner.config.train.max_staleness
     with learner.lock:
         while len(batch) < needed and not stop.is_set():
             if not learner.store:
@@ -179,7 +179,7 @@ def evaluate(learner: Learner) -> float:
 
 def write_train_state(learner: Learner) -> Path | None:
     """A resumable checkpoint of the current step, recorded in the database; None if it already exists."""
-    step, run_dir = learner.trainer.step, learner.config.run_dir
+    step, run_dir = learner.trainer.step, learner.config.run.run_dir
     if step == learner.checkpoint_step:
         return None
     started = time.perf_counter()
@@ -209,8 +209,8 @@ def write_summary(learner: Learner, started: float, exported: Path) -> dict:
     history = stats.eval_history
     summary = {
         "run_id": learner.run_id,
-        "task": learner.config.task,
-        "loss": learner.config.loss,
+        "task": learner.config.run.task,
+        "loss": learner.config.loss.loss,
         "steps": learner.trainer.step,
         "versions_published": learner.version,
         "groups_accepted": accepted,
@@ -230,5 +230,5 @@ def write_summary(learner: Learner, started: float, exported: Path) -> dict:
         "metrics": str(learner.metrics.path),
         "checkpoint": str(exported),
     }
-    (learner.config.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (learner.config.run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -9,27 +9,25 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from heterorl.common import config as config_lib
+from heterorl.common.logs import setup_logging
 from heterorl.server.config import LearnerConfig
 
 logger = logging.getLogger("heterorl.server")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="heterorl-learner",
-        description="The heterorl learner: owns the optimizer, leases prompts, publishes weight versions.",
+    return config_lib.argument_parser(
+        LearnerConfig, "heterorl-learner",
+        "The heterorl learner: owns the optimizer, leases prompts, publishes weight versions.",
     )
-    parser.add_argument("--config", type=Path, default=None, help="TOML file with any of the settings below")
-    config_lib.add_flags(parser, LearnerConfig)
-    return parser
 
 
 def plan(argv: list[str] | None = None):
     """Flags and `--config FILE.toml`, checked against RUN_DIR (heterorl.server.resume.plan_run): with `--resume`
-    the run's stored config with what was set now on top. Exits with a message on a bad setting or directory."""
+    the run's stored config with what was set now on top. Exits with a message on a bad setting or directory;
+    with `--print-config`, prints that effective config as TOML and exits."""
     parser = _parser()
     args = parser.parse_args(argv)
     from heterorl.server.resume import plan_run
@@ -37,9 +35,15 @@ def plan(argv: list[str] | None = None):
     try:
         requested = config_lib.build(LearnerConfig, args.config, args)
         explicit = config_lib.explicit_settings(LearnerConfig, args.config, args)
-        return plan_run(requested, explicit)
+        checked = plan_run(requested, explicit)
     except (ValueError, OSError) as err:
         parser.error(str(err))
+    if args.print_config:
+        if checked.db is not None:
+            checked.db.close()
+        print(config_lib.to_toml(checked.config), end="", flush=True)
+        parser.exit(0)
+    return checked
 
 
 def parse_config(argv: list[str] | None = None) -> LearnerConfig:
@@ -51,21 +55,19 @@ def parse_config(argv: list[str] | None = None) -> LearnerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="[learner %(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                            stream=sys.stdout)
     checked = plan(argv)
     config = checked.config
+    setup_logging(config.logging.log_level, config.logging.log_format)
     from heterorl.server.security import ServerSecurity
 
     # Credentials and the bind policy are checked before the model is loaded, so a refusal is immediate.
     try:
-        security = ServerSecurity.from_config(config)
-        security.check_bind(config.host)
+        security = ServerSecurity.from_config(config.security)
+        security.check_bind(config.serve.host)
     except ValueError as err:
         if checked.db is not None:
             checked.db.close()
-        print(f"heterorl-learner: error: {err}", file=sys.stderr)
+        logger.error("stopping: %s", err)
         return 2
     # Imported late so `--help` answers without loading torch.
     from heterorl.server.learner import Learner
@@ -83,17 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         learner = Learner(checked)
     except ValueError as err:  # a reward that cannot load, or a checkpoint that does not match its database
-        print(f"heterorl-learner: error: {err}", file=sys.stderr)
+        logger.error("stopping: %s", err)
         return 2
-    server, port = build_server(learner, config.host, config.port, security=security)
+    server, port = build_server(learner, config.serve.host, config.serve.port, security=security)
     server.start()
-    address = config.run_dir / "learner.json"
+    address = config.run.run_dir / "learner.json"
     address.with_suffix(".json.tmp").write_text(
-        json.dumps({"host": config.host, "port": port, "pid": os.getpid(), "run_id": learner.run_id})
+        json.dumps({"host": config.serve.host, "port": port, "pid": os.getpid(), "run_id": learner.run_id})
     )
     address.with_suffix(".json.tmp").rename(address)  # readers never see half a file
-    logger.info("serving heterorl.v1.Learner on %s:%d (run %s, dir %s; %s)", config.host, port, learner.run_id,
-                config.run_dir, security.describe())
+    logger.info("serving heterorl.v1.Learner on %s:%d (run %s, dir %s; %s)", config.serve.host, port, learner.run_id,
+                config.run.run_dir, security.describe())
     try:
         summary = learner.run(stop)
     finally:
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         learner.close()
     logger.info("done: %d steps, %d versions, accuracy %.3f -> %.3f; summary in %s", summary["steps"],
                 summary["versions_published"], summary["base_accuracy"], summary["final_accuracy"],
-                config.run_dir / "summary.json")
+                config.run.run_dir / "summary.json")
     return 0
 
 

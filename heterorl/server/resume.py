@@ -20,7 +20,6 @@ the settings given now and refuses a change of what defines the run; `restore` t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from heterorl.common import codec
+from heterorl.common.config import flat_dict, from_flat, replace_flat, settings
 from heterorl.server import checkpoint as ckpt
 from heterorl.server.config import LearnerConfig
 from heterorl.server.db import DB_NAME, RunDB
@@ -46,6 +46,8 @@ RUN_IDENTITY = (
     "model", "task", "task_path", "task_options", "reward", "seed", "group_size", "max_new_tokens",
     "temperature", "top_p", "top_k", "stop",
 )
+# Settings of the process rather than the run: a resumed learner takes them from its own command line.
+PER_PROCESS = {"log_level", "log_format"}
 
 
 @dataclass
@@ -62,44 +64,47 @@ def plan_run(requested: LearnerConfig, explicit: set[str] | None = None) -> RunP
     `explicit` names the settings given on the command line or in the TOML file; they are applied on top of the
     stored config. None means all of `requested` is meant. ValueError for a wrong directory or a forbidden change.
     """
-    if requested.resume is None and requested.resume_existing and (requested.run_dir / DB_NAME).exists():
-        requested = dataclasses.replace(requested, resume=requested.run_dir)
-    if requested.resume is None:
-        if (requested.run_dir / DB_NAME).exists():
-            raise ValueError(f"{requested.run_dir} already holds a run ({DB_NAME}); continue it with --resume "
-                             f"{requested.run_dir}, or choose another --run-dir")
+    run_dir, resume = requested.run.run_dir, requested.durability.resume
+    if resume is None and requested.durability.resume_existing and (run_dir / DB_NAME).exists():
+        requested, resume = replace_flat(requested, resume=run_dir), run_dir
+    if resume is None:
+        if (run_dir / DB_NAME).exists():
+            raise ValueError(f"{run_dir} already holds a run ({DB_NAME}); continue it with --resume "
+                             f"{run_dir}, or choose another --run-dir")
         return RunPlan(requested, None)
-    run_dir = Path(requested.resume)
-    if (explicit is None or "run_dir" in explicit) and Path(requested.run_dir).resolve() != run_dir.resolve():
-        raise ValueError(f"--run-dir {requested.run_dir} and --resume {run_dir} name different runs")
-    if not (run_dir / DB_NAME).exists():
-        raise ValueError(f"--resume {run_dir}: there is no run to resume ({DB_NAME} is missing)")
-    db = RunDB.open(run_dir / DB_NAME)  # refuses a database of another schema, by name
+    if (explicit is None or "run_dir" in explicit) and run_dir.resolve() != resume.resolve():
+        raise ValueError(f"--run-dir {run_dir} and --resume {resume} name different runs")
+    if not (resume / DB_NAME).exists():
+        raise ValueError(f"--resume {resume}: there is no run to resume ({DB_NAME} is missing)")
+    db = RunDB.open(resume / DB_NAME)  # refuses a database of another schema, by name
     try:
-        config = _merged(db.stored_config(), requested, explicit, run_dir)
-        if config.db_sync != "full":
-            db.set_synchronous(config.db_sync)
+        config = _merged(db.stored_config(), requested, explicit, resume)
+        if config.durability.db_sync != "full":
+            db.set_synchronous(config.durability.db_sync)
     except BaseException:
         db.close()
         raise
     return RunPlan(config, db)
 
 
-def _merged(stored: dict[str, Any], requested: LearnerConfig, explicit: set[str] | None, run_dir: Path) -> LearnerConfig:
-    names = {f.name for f in dataclasses.fields(LearnerConfig)}
-    base = LearnerConfig(**{k: v for k, v in stored.items() if k in names and k != "resume"})
-    given = names if explicit is None else explicit & names
-    changes = {name: getattr(requested, name) for name in sorted(given - {"resume", "run_dir"})}
+def _merged(stored: dict[str, Any], requested: LearnerConfig, explicit: set[str] | None, run_dir: Path
+            ) -> LearnerConfig:
+    """The stored (flat) config, with the settings given now on top; logging is always this process's own."""
+    names = set(settings(LearnerConfig))
+    base = from_flat(LearnerConfig, **{k: v for k, v in stored.items() if k in names and k != "resume"})
+    given = names if explicit is None else (explicit & names) | PER_PROCESS
+    now, was = flat_dict(requested), flat_dict(base)
+    changes = {name: now[name] for name in sorted(given - {"resume", "run_dir"})}
     for name in RUN_IDENTITY:
-        if name in changes and changes[name] != getattr(base, name):
-            raise ValueError(f"--resume cannot change {name} (the run has {getattr(base, name)!r}, asked for "
+        if name in changes and changes[name] != was[name]:
+            raise ValueError(f"--resume cannot change {name} (the run has {was[name]!r}, asked for "
                              f"{changes[name]!r})")
-    if "port" not in given and base.port == 0:  # the address its samplers know (RUN_DIR/learner.json)
+    if "port" not in given and base.serve.port == 0:  # the address its samplers know (RUN_DIR/learner.json)
         try:
             changes["port"] = int(json.loads((run_dir / "learner.json").read_text())["port"])
         except (OSError, ValueError, KeyError):
             pass  # never served: any free port will do
-    return dataclasses.replace(base, **changes, run_dir=run_dir, resume=run_dir)
+    return replace_flat(base, **changes, run_dir=run_dir, resume=run_dir)
 
 
 def restore(learner: Learner) -> None:
@@ -112,10 +117,10 @@ def restore(learner: Learner) -> None:
     keep = None
     version, digest = 1, first.versions.get(1)
     if row is not None:  # loaded (and verified) before anything in the database changes
-        keep = config.run_dir / row.path
+        keep = config.run.run_dir / row.path
         ckpt.read_train_state(keep, row.manifest, trainer.model, trainer.optimizer)
         for group in trainer.optimizer.param_groups:  # a resume may change these two
-            group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+            group["lr"], group["weight_decay"] = config.train.lr, config.train.weight_decay
         trainer.step = learner.checkpoint_step = row.step
         version, digest = row.version, row.weights_sha256
     snapshot = trainer.snapshot()
@@ -127,7 +132,7 @@ def restore(learner: Learner) -> None:
     retrained = db.rewind(step).wait()
     state = db.load()
     learner.run_id = state.run_id
-    ckpt.remove_others(config.run_dir / ckpt.TRAIN_STATE_DIR, keep)  # unfinished or unrecorded directories
+    ckpt.remove_others(config.run.run_dir / ckpt.TRAIN_STATE_DIR, keep)  # unfinished or unrecorded directories
     if digest is None:  # the learner died before it recorded its first version
         db.record_version(version, step, got).wait()
     learner.versions.publish(version, snapshot, got)
@@ -185,7 +190,7 @@ def rewind_metrics(learner: Learner, keep_bytes: int) -> int:
         keep_bytes = len(data)
     tail = data[keep_bytes:]
     if tail:
-        with open(learner.config.run_dir / "metrics.rolledback.jsonl", "ab") as fh:
+        with open(learner.config.run.run_dir / "metrics.rolledback.jsonl", "ab") as fh:
             fh.write(tail if tail.endswith(b"\n") else tail + b"\n")
             fh.flush()
             os.fsync(fh.fileno())

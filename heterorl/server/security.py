@@ -4,8 +4,9 @@
   is required and its common name becomes the caller's identity when no tokens are configured).
 - **Bind check.** Without tokens or client certificates anybody who can reach the port can join, so a learner
   refuses to listen beyond loopback unless told `--insecure` explicitly.
-- `ServerSecurity` gathers these with the token table (tokens.py) and the rate limits (ratelimit.py) that a
-  LearnerConfig names, and checks the files before the model is loaded, so a mistake is reported at once.
+- `ServerSecurity` gathers these with the token table (tokens.py) and the rate limits (ratelimit.py) that the
+  `[security]` section of a LearnerConfig names, and checks the files before the model is loaded, so a mistake is
+  reported at once.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from heterorl.server.ratelimit import RateLimits, Refusals
 from heterorl.server.tokens import TokenInterceptor, TokenTable
+
+if TYPE_CHECKING:
+    from heterorl.server.config import SecuritySection
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +70,9 @@ class ServerSecurity:
     limits: RateLimits = field(default_factory=RateLimits)
 
     @classmethod
-    def from_config(cls, config) -> "ServerSecurity":
-        """Read the files a LearnerConfig names; ValueError with the file and the problem if one is unusable."""
+    def from_config(cls, config: SecuritySection) -> "ServerSecurity":
+        """Read the files the `[security]` section names; ValueError with the file and the problem if one is
+        unusable."""
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if config.tls_client_ca is not None and config.tls_cert is None:

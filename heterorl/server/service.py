@@ -65,7 +65,7 @@ class LearnerService(pb_grpc.LearnerServicer):
         self.call_limit = RateLimiter(limits.calls_per_s, limits.calls_burst)
         self.group_limit = RateLimiter(limits.groups_per_s, limits.groups_burst)
         config = learner.config
-        self.rules = GroupRules(config.group_size, config.max_new_tokens, learner.vocab_size)
+        self.rules = GroupRules(config.train.group_size, config.sampling.max_new_tokens, learner.vocab_size)
 
     # -- refusals
 
@@ -117,18 +117,19 @@ class LearnerService(pb_grpc.LearnerServicer):
             self._rate(self.call_limit, f"{what}:{key}", f"{what} calls of {key}", cost)
 
     def _run_config(self) -> pb.RunConfig:
-        c = self.learner.config
+        config = self.learner.config
+        sampling = config.sampling
         return pb.RunConfig(
             run_id=self.learner.run_id,
-            model=c.model,
-            task=c.task,
+            model=config.run.model,
+            task=config.run.task,
             reward=self.learner.reward_name,
-            group_size=c.group_size,
-            sampling=pb.SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                       max_new_tokens=c.max_new_tokens, stop=list(c.stop)),
+            group_size=config.train.group_size,
+            sampling=pb.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                       max_new_tokens=sampling.max_new_tokens, stop=list(sampling.stop)),
             vocab_size=self.learner.vocab_size,
-            max_prompt_tokens=c.max_prompt_tokens,
-            lease_ttl_s=c.lease_ttl_s,
+            max_prompt_tokens=sampling.max_prompt_tokens,
+            lease_ttl_s=config.serve.lease_ttl_s,
             weights_dtype=WEIGHTS_DTYPE,
             task_options_json=self.learner.sampler_task_options,
         )
@@ -157,7 +158,7 @@ class LearnerService(pb_grpc.LearnerServicer):
         with self._answering(context, blame=sampler_id):
             check_max_groups(request.max_groups)
             leases = self.learner.lease(sampler_id, request.max_groups)
-        group_size = self.learner.config.group_size
+        group_size = self.learner.config.train.group_size
         return pb.LeaseReply(
             leases=[
                 pb.PromptLease(lease_id=lease.lease_id, prompt_id=str(lease.prompt_index),
@@ -183,7 +184,8 @@ class LearnerService(pb_grpc.LearnerServicer):
             total = len(payload.data)
             require(request.offset <= total, f"offset {request.offset} is past the end of the {total}-byte payload "
                     f"of version {want}", Reason.OFFSET, grpc.StatusCode.OUT_OF_RANGE)
-        for chunk in iter_chunks(payload.data, self.learner.config.chunk_bytes, request.offset, payload.chunk_sha256):
+        chunk_bytes = self.learner.config.serve.chunk_bytes
+        for chunk in iter_chunks(payload.data, chunk_bytes, request.offset, payload.chunk_sha256):
             if not context.is_active():
                 return
             yield pb.WeightChunk(
@@ -227,11 +229,11 @@ def build_server(
 ) -> tuple[grpc.Server, int]:
     """A ready (not yet started) gRPC server with the Learner, health and reflection services.
 
-    `security` defaults to what `learner.config` names (tokens, TLS, limits); a non-loopback `host` without
+    `security` defaults to what `learner.config.security` names (tokens, TLS, limits); a non-loopback `host` without
     authentication is refused (ValueError) unless the security setting says insecure.
     """
     if security is None:
-        security = ServerSecurity.from_config(learner.config)
+        security = ServerSecurity.from_config(learner.config.security)
     for warning in security.check_bind(host):
         logger.warning("%s", warning)
     service = LearnerService(learner, security)
