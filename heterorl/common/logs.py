@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO
@@ -64,3 +66,17 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: IO[str] | None
     handler.setFormatter(JsonFormatter() if config.log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # library warnings become records too, so a JSON log stays all JSON
+
+
+def stop_on_signals(doing: str) -> threading.Event:
+    """An event that SIGTERM and SIGINT set, so a daemon finishes `doing` (e.g. "the current step") and stops
+    cleanly instead of dying mid-write; call from the main thread."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        logging.getLogger("heterorl").info("received signal %d; finishing %s and stopping", signum, doing)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop

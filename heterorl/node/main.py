@@ -8,14 +8,12 @@ dtype); 3 the learner refused this sampler's credentials.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 import grpc
 
 from heterorl.common import config as config_lib
-from heterorl.common.logs import setup_logging
+from heterorl.common.logs import setup_logging, stop_on_signals
 from heterorl.node.config import SamplerConfig
 
 log = logging.getLogger("heterorl.node")
@@ -40,14 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.sampler.threads:
         torch.set_num_threads(config.sampler.threads)
 
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("received signal %d; stopping after the current batch", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals("the current batch")
     try:
         sampler = Sampler(config, stop)
     except ValueError as err:  # an unreadable or malformed token, certificate or key file

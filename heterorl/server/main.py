@@ -6,12 +6,10 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 
 from heterorl.common import config as config_lib
-from heterorl.common.logs import setup_logging
+from heterorl.common.logs import setup_logging, stop_on_signals
 from heterorl.server.config import LearnerConfig
 
 logger = logging.getLogger("heterorl.server")
@@ -73,14 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from heterorl.server.learner import Learner
     from heterorl.server.service import build_server
 
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        logger.info("received signal %s; finishing the current step and stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals("the current step")
 
     try:
         learner = Learner(checked)
