@@ -5,21 +5,28 @@ download it through the sampler's client and load it. Then:
 
 * throughput: the same prompts (arithmetic questions, chat-formatted) through both engines, every group of the
   batch in one call, G completions per prompt; output tokens per second = completion tokens / wall time;
-* update latency: the learner's fp32 weights take one AdamW-sized step (every weight moves by lr, random sign;
-  --lr), it publishes version 2, and the vLLM sampler downloads the delta over loopback gRPC, applies it to its
-  bf16 copy, then verifies the hash while pushing it into the live engine. `apply_s` is the wall time of decode
-  and then verify beside push (the part a faster link does not shrink); `publish_to_generate_s` adds the
-  download: from then on the engine generates with the new version;
+* update cost (--updates times): the learner's fp32 weights take one AdamW-sized step (every weight moves by lr,
+  random sign; --lr), it publishes the next version, and the vLLM sampler downloads the delta over loopback gRPC
+  (every chunk and the whole payload checked against their sha256), applies it to its bf16 copy, then computes
+  the weights digest while pushing the tensors into the live engine. Each update prints its CPU seconds (this
+  process, all threads) by part: download, decode, digest, push; and its wall time. `apply_s` is the wall time of
+  decode and then digest beside push (the part a faster link does not shrink); `publish_to_generate_s` adds the
+  download: from then on the engine generates with the new version. `apply_cpu_s` is the CPU of download plus
+  apply: the download's share includes the learner serving it (it runs in this process), so it is an upper
+  bound for the sampler's. The RESULT line holds the medians over the updates;
 * log-prob mismatch: vLLM's reported log-probs against the learner's recomputation
-  (`heterorl.server.trainer.completion_logprobs`) on a model holding exactly version 2 (bf16 values in fp32).
+  (`heterorl.server.trainer.completion_logprobs`) on a model holding exactly the newest version (bf16 values in
+  fp32).
 
 The two cores are usually shared (other sessions, demo runs): the load average at start and end is printed, and
-the figures are wall-clock, so read them with that in mind.
+the figures are wall-clock, so read them with that in mind. `--busy 2` runs two busy-loop processes (one per
+core, as a learner and another sampler would) while each update is downloaded and applied.
 
     python benchmarks/engines.py                       # 16 prompts x G=8 (128 sequences) x 48 tokens
     python benchmarks/engines.py --prompts 8 --repeat 2   # 64 sequences, best of two
+    python benchmarks/engines.py --skip-hf --busy 2       # update cost with both cores busy
 
-Ends with: RESULT vllm_tps=... hf_tps=... apply_s=... logprob_mad=...
+Ends with: RESULT vllm_tps=... hf_tps=... apply_s=... apply_cpu_s=... logprob_mad=...
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +57,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-6, help="size of the simulated optimizer step")
     parser.add_argument("--repeat", type=int, default=1, help="timed generations per engine (best is reported)")
     parser.add_argument("--skip-hf", action="store_true", help="vLLM only (hf_tps reported as nan)")
+    parser.add_argument("--updates", type=int, default=3, help="one-step deltas applied to the live vLLM engine")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy-loop processes running while each update is downloaded and applied")
     args = parser.parse_args()
 
     import torch
@@ -92,7 +104,7 @@ def main() -> int:
               f"push {vllm.last_apply.push_s:.2f})", flush=True)
 
         task = make_task("arithmetic", seed=0)
-        prompts = [learner.encode(task.train_problem(i)) for i in range(args.prompts)]
+        prompts = [learner.inputs.encode(task.train_problem(i)) for i in range(args.prompts)]
         sampling = SamplingSettings(args.temperature, 1.0, 0, args.max_new_tokens)
         rows = args.prompts * args.group_size
         tps: dict[str, float] = {}
@@ -107,46 +119,67 @@ def main() -> int:
                       f"= {_tokens(groups) / seconds:.1f} tokens/s", flush=True)
             tps[engine.name] = best
 
-        # One optimizer-sized step on the learner's fp32 weights, published as version 2.
+        # One optimizer-sized step on the learner's fp32 weights at a time, each published as the next version.
         generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for tensor in weight_tensors(learner.trainer.model).values():
-                tensor.add_(torch.randn(tensor.shape, generator=generator).sign_() * args.lr)
-        encode_started = time.perf_counter()
-        learner.publish()  # encodes the v1 -> v2 delta up front, as every run does
-        published = time.perf_counter()
-        delta = client.fetch_weights(sid, have_version=vllm.version)
-        downloaded = time.perf_counter()
-        vllm.load_weights(delta.encoding, delta.payload, delta.version, delta.base_version, delta.weights_sha256)
-        applied = time.perf_counter()
-        groups = vllm.generate(prompts[:1], args.group_size, sampling)
-        first_group = time.perf_counter()
-        timing = vllm.last_apply
-        info = codec.inspect(delta.payload)
-        # The client checked every chunk's hash and the whole payload's during the download; the same work again:
-        hashed = time.perf_counter()
-        chunk_hashes(bytes(delta.payload), config.serve.chunk_bytes)
-        hashlib.sha256(delta.payload).hexdigest()
-        chunk_check_s = time.perf_counter() - hashed
-        print(f"delta v1->v2: {len(delta.payload) / 2**20:.2f} MiB ({info.method_counts()}), learner encode "
-              f"{published - encode_started:.2f}s; then download {downloaded - published:.2f}s (of which chunk and "
-              f"payload hashes {chunk_check_s:.3f}s), apply {timing.total_s:.2f}s = decode {timing.decode_s:.2f}s "
-              f"+ max(digest {timing.verify_s:.2f}s, push into vLLM {timing.push_s:.2f}s, side by side) "
-              f"({timing.tensors_pushed} tensors); first group with it {first_group - applied:.2f}s", flush=True)
-        publish_to_generate = applied - published  # the engine can generate with v2 from here on
+        updates = []
+        for _ in range(args.updates):
+            with torch.no_grad():
+                for tensor in weight_tensors(learner.trainer.model).values():
+                    tensor.add_(torch.randn(tensor.shape, generator=generator).sign_() * args.lr)
+            encode_started = time.perf_counter()
+            learner.publish()  # encodes the delta from the previous version up front, as every run does
+            published = time.perf_counter()
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+            try:
+                if busy:
+                    time.sleep(0.5)  # until they hold the cores
+                started, cpu_started = time.perf_counter(), time.process_time()
+                delta = client.fetch_weights(sid, have_version=vllm.version)
+                downloaded, cpu_downloaded = time.perf_counter(), time.process_time()
+                vllm.load_weights(delta.encoding, delta.payload, delta.version, delta.base_version,
+                                  delta.weights_sha256)
+                applied, cpu_applied = time.perf_counter(), time.process_time()
+            finally:
+                for process in busy:
+                    process.kill()
+                    process.wait()
+            groups = vllm.generate(prompts[:1], args.group_size, sampling)
+            first_group = time.perf_counter()
+            timing = vllm.last_apply
+            info = codec.inspect(delta.payload)
+            # The client checked every chunk's hash and the whole payload's during the download; the same again:
+            cpu_hashed = time.process_time()
+            chunk_hashes(bytes(delta.payload), config.serve.chunk_bytes)
+            hashlib.sha256(delta.payload).hexdigest()
+            chunk_check_cpu = time.process_time() - cpu_hashed
+            download_cpu = cpu_downloaded - cpu_started
+            update = {"apply_s": timing.total_s, "publish_to_generate_s": applied - started,
+                      "apply_cpu_s": cpu_applied - cpu_started}
+            updates.append(update)
+            print(f"delta v{delta.base_version}->v{delta.version}: {len(delta.payload) / 2**20:.2f} MiB "
+                  f"({info.method_counts()}), learner encode {published - encode_started:.2f}s, load "
+                  f"{os.getloadavg()[0]:.1f}{f' with {len(busy)} busy loops' if busy else ''}\n"
+                  f"  CPU {update['apply_cpu_s']:.3f}s = download {download_cpu:.3f} (chunk and payload hashes "
+                  f"{chunk_check_cpu:.3f} of it) + decode {timing.decode_cpu_s:.3f} + digest "
+                  f"{timing.digest_cpu_s:.3f} + push {timing.push_cpu_s:.3f} ({timing.tensors_pushed} tensors)\n"
+                  f"  wall {applied - started:.2f}s = download {downloaded - started:.2f} + apply "
+                  f"{timing.total_s:.2f} (decode {timing.decode_s:.2f}, then digest {timing.verify_s:.2f} beside "
+                  f"push {timing.push_s:.2f}); first group with it {first_group - applied:.2f}s", flush=True)
+        median = {key: statistics.median(u[key] for u in updates) for key in updates[0]}
+        publish_to_generate = median["publish_to_generate_s"]  # the engine can generate with it from there on
 
-        # Log-probs: vLLM's against the learner's recomputation on exactly version 2.
+        # Log-probs: vLLM's against the learner's recomputation on exactly the newest version.
         groups = vllm.generate(prompts, args.group_size, sampling)
-        reference = load_causal_lm(learner.model_dir)
+        reference = load_causal_lm(learner.inputs.model_dir)
         with torch.no_grad():
-            source = learner.trainer.snapshot()  # bf16, as published: no step since version 2
+            source = learner.trainer.snapshot()  # bf16, as published: no step since the newest version
             for name, tensor in weight_tensors(reference).items():
                 tensor.copy_(source[name].float())
             diffs = []
             for prompt, group in zip(prompts, groups):
                 sequences = [prompt + c.token_ids for c in group]
                 logprobs, mask = completion_logprobs(reference, sequences, [len(prompt)] * len(group),
-                                                     args.temperature, learner.pad_id)
+                                                     args.temperature, learner.inputs.pad_id)
                 reported = torch.zeros_like(logprobs)
                 for row, c in enumerate(group):
                     reported[row, : len(c.logprobs)] = torch.tensor(c.logprobs)
@@ -162,8 +195,9 @@ def main() -> int:
     vllm_tps, hf_tps = tps.get("vllm", float("nan")), tps.get("transformers", float("nan"))
     print(f"load average at end: {os.getloadavg()[0]:.2f}; vLLM / transformers = {vllm_tps / hf_tps:.2f}x; "
           f"published -> generating with it: {publish_to_generate:.2f}s", flush=True)
-    print(f"RESULT vllm_tps={vllm_tps:.1f} hf_tps={hf_tps:.1f} apply_s={timing.total_s:.2f} "
-          f"logprob_mad={mad:.2e} logprob_max={worst:.2e} publish_to_generate_s={publish_to_generate:.2f}")
+    print(f"RESULT vllm_tps={vllm_tps:.1f} hf_tps={hf_tps:.1f} apply_s={median['apply_s']:.2f} "
+          f"apply_cpu_s={median['apply_cpu_s']:.3f} logprob_mad={mad:.2e} logprob_max={worst:.2e} "
+          f"publish_to_generate_s={publish_to_generate:.2f} busy={args.busy}")
     return 0
 
 

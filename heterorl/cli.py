@@ -75,6 +75,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"heterorl status: {err}", file=sys.stderr)
         return 2
+    if args.watch:  # a live table (heterorl/tools/watch.py)
+        from heterorl.tools.watch import watch
+
+        return watch(args.learner, args.interval, lambda: fetch_status(args.learner, security=security))
     try:
         s = fetch_status(args.learner, security=security)
     except grpc.RpcError as err:
@@ -251,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="print a learner's version, step and samplers")
     p.add_argument("--learner", default="127.0.0.1:50051", help="HOST:PORT of the learner")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="a live table redrawn every --interval seconds, like top "
+                   "(Ctrl-C ends it)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between redraws of --watch (default: 2)")
     config_lib.add_flags(p, ClientSecuritySection)  # the sampler's own security flags
     p.set_defaults(func=cmd_status)
 

@@ -317,7 +317,7 @@ def test_container_is_safetensors():
 def test_digest_stable_and_sensitive():
     v0, _ = _pair()
     d = codec.digest(v0)
-    assert len(d) == 64 and d == codec.digest(dict(reversed(list(v0.items()))))
+    assert d.startswith("blake3:") and len(d) == 7 + 64 and d == codec.digest(dict(reversed(list(v0.items()))))
     assert d == codec.digest({k: v.clone() for k, v in v0.items()})
     flipped = {k: v.clone() for k, v in v0.items()}
     bits(flipped["b"])[7] ^= 1
@@ -431,16 +431,35 @@ def test_old_format_rejected_by_name():
         codec.decode(_rewrite(codec.encode(v1, v0), set_format), v0)
 
 
-def test_digest_keeps_its_domain_across_payload_formats():
-    """Runs persist version hashes and a resumed learner checks its weights against them, so the hash must not
-    follow the payload format: recompute it independently with its original domain string."""
-    v0, _ = _pair()
-    h = hashlib.sha256(b"heterorl-codec/1")
-    for name in sorted(v0):
-        t = v0[name]
+def _reference_digest(tensors, h) -> str:
+    for name in sorted(tensors):
+        t = tensors[name]
         head = json.dumps([name, "bfloat16", list(t.shape)], separators=(",", ":")).encode()
         h.update(struct.pack("<Q", len(head)) + head + bits(t).numpy().tobytes())
-    assert codec.digest(v0) == h.hexdigest()
+    return h.hexdigest()
+
+
+def test_digest_keeps_its_domain_across_payload_formats():
+    """Runs persist version hashes and a resumed learner checks its weights against them, so the hash must not
+    follow the payload format: recompute it independently with its original domain string (BLAKE3, named)."""
+    import blake3
+
+    v0, _ = _pair()
+    assert codec.digest(v0) == "blake3:" + _reference_digest(v0, blake3.blake3(b"heterorl-codec/1"))
+
+
+def test_legacy_sha256_digests_still_verify_and_unknown_ones_are_refused_by_name():
+    """Runs recorded before BLAKE3 hold bare sha256 digests: `like=` recomputes in the recorded algorithm (same
+    input), so their checkpoints and versions still verify. A digest naming another algorithm is refused by name."""
+    v0, _ = _pair()
+    legacy = _reference_digest(v0, hashlib.sha256(b"heterorl-codec/1"))
+    assert codec.digest(v0, like=legacy) == legacy and codec.digest_algorithm(legacy) == codec.DIGEST_SHA256
+    new = codec.digest(v0)
+    assert codec.digest(v0, like=new) == new and codec.digest_algorithm(new) == codec.DIGEST_BLAKE3
+    assert codec.digest({k: v.float() for k, v in v0.items()}, dtype=torch.bfloat16, like=legacy) == legacy
+    for bad in ("sha3:" + "0" * 64, "blake3:" + "0" * 63, "blake3:" + "G" * 64, "0" * 63, ""):
+        with pytest.raises(ValueError, match="unknown weights digest"):
+            codec.digest(v0, like=bad)
 
 
 def test_streamed_container_equals_one_shot(monkeypatch):

@@ -60,7 +60,7 @@ def test_compose_services_run_as_local_processes(processes, tmp_path):
     assert len((tmp_path / "tokens").read_text().splitlines()) == 1
     learner_cmd = [local(a) for a in spec["services"]["learner"]["command"]]
     overrides = {"--host": "127.0.0.1", "--port": "0", "--run-dir": str(tmp_path / "run"), "--model": "tiny",
-                 "--max-steps": "3"}
+                 "--max-steps": "3", "--metrics-port": "0"}  # metrics: tests/test_metrics.py (ports clash here)
     args = [a for a in learner_cmd[1:] if a.split("=", 1)[0] not in overrides]
     args += [f"{k}={v}" for k, v in overrides.items()]
     args += ["--group-size=2", "--groups-per-step=1", "--max-new-tokens=4", "--eval-size=4", "--reward=digit_fraction"]
@@ -74,7 +74,8 @@ def test_compose_services_run_as_local_processes(processes, tmp_path):
     sampler_cmd = spec["services"]["sampler"]["command"]
     for i in range(spec["services"]["sampler"]["deploy"]["replicas"]):
         sampler_args = [local(a).replace("learner:50051", f"127.0.0.1:{port}") for a in sampler_cmd[1:]]
-        processes.start(f"sampler-{i}", "heterorl.node.main", sampler_args + [f"--name=compose-{i}", "--engine=transformers"])
+        processes.start(f"sampler-{i}", "heterorl.node.main", sampler_args + [f"--name=compose-{i}", "--engine=transformers",
+                                                                        "--metrics-port=0"])  # replicas share this host
     learner.wait(timeout=480)
     assert learner.returncode == 0, learner.log_path.read_text()[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -45,7 +45,6 @@ def test_a_hundred_thousand_leases_keep_memory_and_call_cost_flat():
                      journal=ForgetfulJournal())
     now = 0.0
     pushed = 0
-    calls = 0
     figures = []
 
     def cycle() -> int:

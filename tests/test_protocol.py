@@ -431,6 +431,7 @@ class RefusingLearner:
         self.version = 1
         self.refusal: Refused | None = None
         self.counted: list[tuple[str, Reason]] = []
+        self.prometheus = SimpleNamespace(watch_refusals=lambda refusals: None, serve_bytes=lambda n: None)
 
     def sampler(self, sampler_id: str):
         if sampler_id != "S-known":

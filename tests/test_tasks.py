@@ -289,3 +289,15 @@ def test_jsonl_rejects_missing_file_and_bad_fraction(tmp_path: Path) -> None:
         JsonlTask(tmp_path / "absent.jsonl")
     with pytest.raises(ValueError, match="eval_fraction"):
         JsonlTask(_good_file(tmp_path), eval_fraction=1.0)
+
+
+def test_tasks_module_keeps_the_names_callers_import() -> None:
+    """node/sampler.py and older callers import rewards and tasks from here; the split modules must not break it."""
+    from heterorl.common import datasets, problems, rewards, tasks
+
+    assert tasks.builtin_reward is rewards.builtin_reward and tasks.get_reward is rewards.get_reward
+    assert tasks.Problem is problems.Problem and tasks.JsonlTask is datasets.JsonlTask
+    assert tasks.builtin_reward("last_number") is last_number and tasks.builtin_reward("pkg:fn") is None
+    assert {"math", "format"} <= set(REWARDS)
+    with pytest.raises(ValueError, match="known: arithmetic, dataset, jsonl"):
+        make_task("csv")

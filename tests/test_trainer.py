@@ -50,7 +50,7 @@ def _group(rng, prompt_len, g, rewards):
 def test_a_step_moves_weights_only_when_groups_carry_signal(tiny_cache):
     rng = random.Random(0)
     trainer = Trainer(_model(tiny_cache), pad_id=0, config=TrainerConfig(
-        lr=1e-2, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0, loss=LossConfig(), micro_groups=2))
+        lr=1e-2, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0, loss=LossConfig(), device="cpu", micro_batch_tokens=60))
     before = {k: v.clone() for k, v in trainer.snapshot(torch.float32).items()}
     flat = [_group(rng, 9, 4, [1.0] * 4), _group(rng, 12, 4, [0.0] * 4)]
     metrics = trainer.train_step(flat)

@@ -8,7 +8,8 @@ and temperature errors would hide; at SCALE x the model is confident enough that
 unlikely and temperature 0.7 vs 1.0 moves log-probs by far more than kernel noise. Both engines start without
 weights (vLLM with random ones) and hold only what the payloads give them: an anchor of version 1, then the
 codec delta to version 2, which moves only layer 0's q and up projections. vLLM fuses those with k/v and gate
-into single parameters, so this also checks that a partial update pushes exactly the whole layer it touched.
+into single parameters, so this also checks that a partial update rebuilds exactly the fused layers it touched
+(on CPU, written straight into vLLM's model; vLLM's own reload, the GPU path, gives the same engine).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ MEAN_BOUND = 1e-4
 MAX_BOUND = 1e-3
 QUESTIONS = [f"What is {a} + {b}?" for a, b in [(7, 5), (12, 9), (3, 18), (15, 15), (6, 11), (19, 2)]]
 LAYER_TENSORS = 9  # a Llama decoder layer: q, k, v, o, gate, up, down and two norms
+FUSED_TOUCHED = 5  # what the v1 -> v2 delta's fused layers hold: q with k and v, up with gate
 
 
 def _version_pair(model_dir: Path):
@@ -134,8 +136,8 @@ def test_greedy_completions_match_transformers_after_update(setup):
         assert v.token_ids == h.token_ids, f"{question!r}: vLLM {v.text!r} != transformers {h.text!r}"
         assert v.finish_reason == h.finish_reason and v.text == h.text
         assert v.logprobs == pytest.approx([0.0] * len(v.token_ids), abs=1e-5)  # top-1 leaves one token
-    # The anchor replaced every weight; the delta pushed only the one layer it touched (whole, 9 tensors) ...
-    assert setup.pushed_by_anchor == len(setup.v1) and setup.pushed_by_delta == LAYER_TENSORS, setup.pushed_by_delta
+    # The anchor replaced every weight; the delta pushed only the two fused layers it touched (whole) ...
+    assert setup.pushed_by_anchor == len(setup.v1) and setup.pushed_by_delta == FUSED_TOUCHED, setup.pushed_by_delta
     # ... and it really went into the live engine: version 1 answered differently somewhere.
     before = [g[0].token_ids for g in setup.vllm_greedy_v1]
     assert before != [g[0].token_ids for g in vllm_out], "the v1 -> v2 update did not change vLLM's output"
@@ -217,6 +219,51 @@ def test_stop_strings_end_completions_alike_in_both_engines(setup):
                                          setup.pad_id)
     diff = (ours - reported).abs()
     assert float(diff.mean()) < MEAN_BOUND and float(diff.max()) < MAX_BOUND
+
+
+def test_direct_writes_give_the_engine_vllm_reload_gives(setup):
+    """On CPU an update is written straight into vLLM's model; vLLM's own `reload_weights` (the path GPUs and
+    layouts the writer does not know take) must give the same engine: same greedy completions at both versions,
+    after anchors and deltas in either path. The reload path pushes whole decoder layers."""
+    engine = setup.vllm
+    assert engine._writer is not None, "the CPU writer was not built for the tiny Llama"
+    expected = {1: [g[0].token_ids for g in setup.vllm_greedy_v1],
+                2: [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)]}
+    writer, engine._writer = engine._writer, None
+    try:
+        engine.load_weights(ENCODING_ANCHOR, setup.anchor, 1, 0, setup.sha1)
+        assert [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)] == expected[1]
+        engine.load_weights(ENCODING_DELTA, setup.delta, 2, 1, setup.sha2)
+        assert engine.last_apply.tensors_pushed == LAYER_TENSORS
+        assert [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)] == expected[2]
+    finally:
+        engine._writer = writer
+    back = codec.encode(setup.v1, setup.v2)  # the writer again, from weights the reload path left
+    engine.load_weights(ENCODING_DELTA, back, 3, 2, setup.sha1)
+    assert [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)] == expected[1]
+    engine.load_weights(ENCODING_ANCHOR, setup.anchor, 1, 0, setup.sha1)
+    engine.load_weights(ENCODING_DELTA, setup.delta, 2, 1, setup.sha2)
+    assert [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)] == expected[2]
+    timing = engine.last_apply
+    assert timing.cpu_s > 0 and timing.digest_cpu_s > 0 and timing.decode_cpu_s > 0
+
+
+def test_digests_by_name_legacy_sha256_accepted(setup):
+    """A learner from before BLAKE3 publishes bare sha256 digests: the engine checks those in kind. A digest
+    naming an algorithm this sampler does not know is refused by name before anything changes."""
+    engine = setup.vllm
+    with pytest.raises(WeightsCorrupt, match="cannot check.*sha3"):
+        engine.load_weights(ENCODING_ANCHOR, setup.anchor, 3, 0, "sha3:" + "0" * 64)
+    assert engine.version == 2
+    legacy = codec.digest(setup.v1, like="0" * 64)  # any bare 64-hex digest names sha256
+    assert ":" not in legacy and legacy != setup.sha1
+    engine.load_weights(ENCODING_ANCHOR, setup.anchor, 1, 0, legacy)
+    assert engine.version == 1
+    with pytest.raises(WeightsCorrupt, match="do not hash"):  # a legacy digest is checked, not waved through
+        engine.load_weights(ENCODING_DELTA, setup.delta, 2, 1, codec.digest(setup.v1, like="0" * 64))
+    engine.load_weights(ENCODING_ANCHOR, setup.anchor, 1, 0, setup.sha1)
+    engine.load_weights(ENCODING_DELTA, setup.delta, 2, 1, setup.sha2)
+    assert engine.version == 2
 
 
 def test_bad_updates_never_reach_generation(setup):

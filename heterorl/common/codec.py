@@ -57,6 +57,7 @@ from collections.abc import Callable, Collection, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import torch
 import zstandard
@@ -65,6 +66,10 @@ FORMAT = "heterorl-codec/2"  # 2: one byte per sparse change plus a "long" gap s
 # The version hash names the tensors' bytes, not a payload layout, and runs persist it (a resumed learner checks
 # its weights against it), so it keeps the domain string it was born with when the payload format changes.
 _DIGEST_DOMAIN = "heterorl-codec/1"
+# Version hash algorithms, by the name a digest string carries (see `digest`).
+DIGEST_BLAKE3 = "blake3"  # written as "blake3:<64 hex>"; the default since the legacy one cost 4x the CPU
+DIGEST_SHA256 = "sha256"  # legacy: a bare 64-hex sha256, as runs recorded before blake3; still checked
+DIGEST_ALGORITHMS = (DIGEST_BLAKE3, DIGEST_SHA256)
 DEFAULT_LEVEL = 2
 KIND_ANCHOR = "anchor"
 KIND_DELTA = "delta"
@@ -939,8 +944,10 @@ def decode(payload: bytes | memoryview, base: Mapping[str, torch.Tensor] | None,
     return out
 
 
-def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tensor], *, threads: int = 2) -> None:
-    """Turn `tensors` (the base version) into the payload's version in place.
+def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tensor], *,
+           threads: int = 2) -> PayloadInfo:
+    """Turn `tensors` (the base version) into the payload's version in place; returns the payload's table of
+    contents (what `inspect` reads, without decompressing it a second time).
 
     The payload is validated completely before the first tensor changes. At most one tensor-sized temporary is
     held at a time: for a target that is not contiguous, or whose dtype is a wider float than the encoded one
@@ -966,19 +973,39 @@ def apply_(payload: bytes | memoryview, tensors: MutableMapping[str, torch.Tenso
             _run(_tensor_tasks(c, name, parts[name], _flat_ints(work), None), pool, threads)
             t.copy_(work)
             del work
+    return PayloadInfo(c.kind, c.block, c.infos, len(memoryview(payload)), c.container_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Version hash
 
 
-def digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
-    """sha256 hex over (sorted name, dtype, shape, raw bytes): the hash a sampler checks after reconstruction.
+def digest_algorithm(recorded: str) -> str:
+    """The algorithm a digest string was made with (one of DIGEST_ALGORITHMS); ValueError, naming it, for any
+    other string, e.g. a digest from a newer heterorl."""
+    algorithm, sep, value = recorded.partition(":")
+    if not sep:
+        algorithm, value = DIGEST_SHA256, recorded  # the legacy form carries no name
+    if algorithm in DIGEST_ALGORITHMS and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return algorithm
+    raise ValueError(f"unknown weights digest {recorded[:32]!r}: this heterorl checks 'blake3:<64 hex>' and legacy "
+                     f"bare sha256 digests")
+
+
+def digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None, *,
+           like: str | None = None) -> str:
+    """The version hash a sampler checks after reconstruction: over (sorted name, dtype, shape, raw bytes).
+
+    Returns "blake3:<hex>" (BLAKE3, 256 bits). With `like` (a recorded digest), it is computed with the algorithm
+    that digest names instead, so a run recorded with legacy sha256 digests (a bare 64-hex string, same input)
+    still verifies; an unknown algorithm raises ValueError. BLAKE3 is a cryptographic hash, as this one must be:
+    samplers accept weights from untrusted relays on its word. It costs about a quarter of sha256's CPU here.
 
     With `dtype`, each tensor is hashed as if converted to it (one tensor at a time), so a sampler holding fp32
     upcasts of a bf16 version gets the bf16 version's hash.
     """
-    h = hashlib.sha256(_DIGEST_DOMAIN.encode())
+    algorithm = DIGEST_BLAKE3 if like is None else digest_algorithm(like)
+    h = (blake3.blake3 if algorithm == DIGEST_BLAKE3 else hashlib.sha256)(_DIGEST_DOMAIN.encode())
     for name in sorted(tensors):
         t = tensors[name].detach()
         if dtype is not None and t.dtype != dtype:
@@ -988,4 +1015,4 @@ def digest(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
         h.update(struct.pack("<Q", len(head)) + head)
         if t.numel():
             h.update(memoryview(_flat_ints(t).view(np.uint8)))
-    return h.hexdigest()
+    return f"{DIGEST_BLAKE3}:{h.hexdigest()}" if algorithm == DIGEST_BLAKE3 else h.hexdigest()

@@ -94,11 +94,24 @@ class ClientSecuritySection:
 
 
 @dataclass
+class SamplerReportSection:
+    """The sampler's Prometheus endpoint (heterorl/node/metrics.py)."""
+
+    metrics_port: int = setting(0, "serve Prometheus metrics over HTTP on this port (0 = off)")
+    metrics_host: str = setting("127.0.0.1", "address the Prometheus metrics endpoint binds to")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("metrics_port must be in 0..65535")
+
+
+@dataclass
 class SamplerConfig:
     sampler: SamplerSection = section(SamplerSection)
     connection: ConnectionSection = section(ConnectionSection)
     lag: LagSection = section(LagSection)
     security: ClientSecuritySection = section(ClientSecuritySection)
+    report: SamplerReportSection = section(SamplerReportSection)
     logging: LoggingConfig = section(LoggingConfig)
 
     def lag_policy(self) -> LagPolicy:

@@ -158,28 +158,47 @@ class EngineBase:
 
     # -- weights
 
-    def _begin_update(self, encoding: str, version: int, base_version: int) -> None:
-        """Refuse a delta for another base; from here until `_verified`, the engine holds no published version."""
+    def _begin_update(self, encoding: str, version: int, base_version: int, weights_sha256: str | None = None) -> None:
+        """Refuse a delta for another base, or a digest this sampler cannot check; from here until `_verified`,
+        the engine holds no published version."""
+        if weights_sha256 is not None:
+            self._digest_algorithm(weights_sha256, version)
         if encoding == ENCODING_DELTA and base_version != self.version:
             raise WeightsCorrupt(f"delta from v{base_version} cannot apply to v{self.version}")
         self.version = 0
 
     @staticmethod
-    def _apply_payload(payload: bytes | bytearray, params: dict[str, torch.Tensor], version: int) -> None:
-        """Apply a payload in place; the codec validates all of it before it changes anything."""
+    def _digest_algorithm(weights_sha256: str, version: int) -> str:
+        """The algorithm of a published digest. One this sampler cannot check is refused by name, as corrupt
+        weights are (the download is tried again), not as a run it cannot serve: the digest travels with the
+        weights, and a relay must not be able to stop a sampler by rewriting it."""
         try:
-            codec.apply_(memoryview(payload), params)
+            return codec.digest_algorithm(weights_sha256)
+        except ValueError as err:
+            raise WeightsCorrupt(f"version {version} comes with a digest this sampler cannot check ({err}); a "
+                                 f"learner newer than the sampler needs the sampler upgraded") from None
+
+    @staticmethod
+    def _apply_payload(payload: bytes | bytearray, params: dict[str, torch.Tensor], version: int,
+                       threads: int = 2) -> codec.PayloadInfo:
+        """Apply a payload in place (the codec validates all of it before it changes anything); returns its table
+        of contents."""
+        try:
+            return codec.apply_(memoryview(payload), params, threads=threads)
         except ValueError as err:
             raise WeightsCorrupt(f"version {version} payload rejected by the codec: {err}") from err
 
-    def _digest(self, params: dict[str, torch.Tensor]) -> str:
-        """The published hash of `params` (hashed as the run's dtype, whatever dtype they compute in)."""
-        return codec.digest(params, dtype=self.weights_dtype)
+    def _digest(self, params: dict[str, torch.Tensor], like: str | None = None) -> str:
+        """The published digest of `params` (hashed as the run's dtype, whatever dtype they compute in), with the
+        algorithm the published digest `like` names (BLAKE3, or a legacy learner's sha256)."""
+        return codec.digest(params, dtype=self.weights_dtype, like=like)
 
     def _verified(self, digest: str, weights_sha256: str, version: int) -> None:
         """Only weights that hash to the published digest become the engine's version."""
         if digest != weights_sha256:
-            raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published")
+            published, computed = self._digest_algorithm(weights_sha256, version), codec.digest_algorithm(digest)
+            kinds = f" (published: {published}, computed: {computed})" if published != computed else ""
+            raise WeightsCorrupt(f"weights of version {version} do not hash to what the learner published{kinds}")
         self.version = version
 
     # -- completions

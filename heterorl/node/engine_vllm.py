@@ -2,17 +2,26 @@
 
 Why it is built this way:
 
-* In-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Weight updates hand vLLM's model runner a Python
-  iterator of tensors (``reload_weights(weights_iterator=..., is_checkpoint_format=True)``): no engine restart,
-  no files, no copy through a pipe. ``reload_weights`` re-runs vLLM's own post-load processing per layer (fused
-  qkv / gate_up projections, the oneDNN repacking of linear weights on CPU), which a plain
-  ``model.load_weights`` skips. The prefix cache is reset afterwards so no KV computed with old weights is reused.
+* In-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the sampler reaches vLLM's model object, so
+  weights go in as Python tensors: no engine restart, no files, no copy through a pipe.
 * One copy of the version in its published dtype (bf16 by default). The codec applies an anchor or a delta in
-  place to ``params`` (the published tensors, HF checkpoint names); then the digest is computed in a second thread while the changed layers
-  are pushed into vLLM, which keeps its own weights in its compute dtype. Pushing converts one layer at a time;
-  nothing else holds a full copy. The engine reports version 0 (and refuses to generate) from the start of an
-  update until the digest matches; a payload the codec rejects never reaches vLLM, and after a digest mismatch
-  only an anchor (which replaces every weight) brings the engine back.
+  place to ``params`` (the published tensors, HF checkpoint names); then the digest is computed in a second thread
+  while the changed tensors go into vLLM, which keeps its own weights in its compute dtype. The engine reports
+  version 0 (and refuses to generate) from the start of an update until the digest matches; a payload the codec
+  rejects never reaches vLLM, and after a digest mismatch only an anchor (which replaces every weight) brings the
+  engine back.
+* On CPU the changed tensors are written straight into vLLM's model (`_CpuWriter`): each linear layer vLLM fuses
+  (q/k/v, gate/up) is assembled from its checkpoint parts in one reused buffer and handed to vLLM's own CPU GEMM
+  set-up (``dispatch_cpu_unquantized_gemm``, which packs it for oneDNN), norms and embeddings are copied in place,
+  and a tied lm_head is packed again from the updated embedding. That is exactly what vLLM's
+  ``reload_weights`` ends with, without its per-layer machinery (layers rebuilt on the meta device, a fresh
+  allocation per tensor, copies back into the old storage), which cost twice the CPU. The writer runs in its
+  own thread with one OpenMP thread: under load, every multi-threaded op would spin at its barriers while the
+  other thread waits for a core, which tripled the update's CPU time on a busy machine. It is built only for
+  layouts it checks at start-up (unquantized, one rank, every checkpoint tensor mapped to a shape it matches);
+  anything else, and GPUs, take ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``, which pushes
+  every tensor of each decoder layer that changed (vLLM processes a layer once all its parts have arrived).
+* Cost of a one-step delta of the default model here (``benchmarks/engines.py``): see the README's figures.
 * Log-probs are vLLM's ``processed_logprobs``: after temperature and top-k/top-p, renormalized over the kept
   tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine_base` for the exact rule the
   learner recomputes).
@@ -44,7 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from heterorl.common import codec
 from heterorl.common.model import load_tokenizer
-from heterorl.common.weights import ENCODING_DELTA, weight_tensors
+from heterorl.common.weights import weight_tensors
 from heterorl.node.engine_base import ENGINE_VLLM, EngineBase, GeneratedCompletion, SamplingSettings
 from heterorl.v1 import learner_pb2 as pb
 
@@ -75,14 +84,19 @@ class VLLMOptions:
 
 @dataclass(frozen=True)
 class ApplyTiming:
-    """Where the time of the last weight update went (seconds). Verify and push run at the same time, so
-    `total_s` (the wall time of the whole update) is about decode_s + max(verify_s, push_s), not the sum."""
+    """Where the last weight update went, in wall seconds and in CPU seconds of this process (all its threads).
+    Digest and push run at the same time, so `total_s` (the wall time of the whole update) is about
+    decode_s + max(verify_s, push_s), not the sum; `cpu_s` is the sum of the CPU parts."""
 
     decode_s: float  # codec: validate the payload and apply it to the bf16 copy
-    verify_s: float  # sha256 of the whole version (in a second thread, beside the push)
-    push_s: float  # hand the tensors to vLLM (its per-layer processing included) and reset the prefix cache
+    verify_s: float  # digest of the whole version (in a second thread, beside the push)
+    push_s: float  # hand the tensors to vLLM (packing for its CPU GEMMs included) and reset the prefix cache
     total_s: float  # wall time from the payload to an engine that generates with the new version
-    tensors_pushed: int
+    tensors_pushed: int  # checkpoint tensors handed to vLLM
+    decode_cpu_s: float = 0.0
+    digest_cpu_s: float = 0.0  # the digest thread's own CPU time
+    push_cpu_s: float = 0.0  # everything else the process spent from the end of decode to the end of the update
+    cpu_s: float = 0.0  # the whole update
 
 
 class _ErrorsOnly(logging.Filter):
@@ -166,6 +180,17 @@ class VLLMEngine(EngineBase):
         except Exception as err:  # vLLM reports unsupported models (e.g. a head size with no kernel) only here
             self.close()
             raise RuntimeError(f"vLLM cannot run the model in {model_dir} on this machine: {err}") from err
+        # Updates write into the CPU model directly where its layout allows it (see the module docstring).
+        self._writer: _CpuWriter | None = None
+        if on_cpu:
+            model = self._llm.collective_rpc(_get_model)[0]
+            self._writer, why = _CpuWriter.build(model, self.params)
+            if self._writer is None:
+                logging.getLogger(__name__).info("vLLM weight updates go through reload_weights: %s", why)
+        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-push")
+        if self._writer is not None:
+            self._pusher.submit(_one_omp_thread).result()
+            torch._C.set_num_threads(torch.get_num_threads())  # the default for threads started later, as before
         self.start_seconds = time.perf_counter() - started
 
     @property
@@ -180,8 +205,10 @@ class VLLMEngine(EngineBase):
             with self._lock:
                 self.version = 0
                 self._llm = None
+                self._writer = None
                 llm.llm_engine.engine_core.shutdown()
                 self._hasher.shutdown(wait=True)
+                self._pusher.shutdown(wait=True)
 
     def _warm_up(self) -> None:
         """One tiny generation: vLLM compiles its log-prob gather on first use, and an unsupported model or
@@ -193,50 +220,55 @@ class VLLMEngine(EngineBase):
     @torch.no_grad()
     def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
                      weights_sha256: str) -> None:
-        """Apply a payload to the bf16 copy, then verify its hash while replacing vLLM's weights in place.
+        """Apply a payload to the bf16 copy, then verify its digest while replacing vLLM's weights in place.
 
-        The sha256 of the whole version (0.3-0.4 GB/s on a CPU without SHA extensions) is the longest part of
-        an update, and hashlib releases the GIL, so it runs in a second thread while vLLM takes the new weights.
-        vLLM may thus briefly hold weights that fail the hash, but it never generates with them: the version
-        stays 0 (generate refuses) until the hash matches, and after a mismatch only an anchor, which replaces
-        every weight, makes the engine usable again. A payload the codec rejects changes nothing at all.
+        The digest releases the GIL, so it runs in a second thread while vLLM takes the new weights. vLLM may thus
+        briefly hold weights that fail the digest, but it never generates with them: the version stays 0
+        (generate refuses) until the digest matches, and after a mismatch only an anchor, which replaces every
+        weight, makes the engine usable again. A payload the codec rejects changes nothing at all.
         """
         with self._lock:
             if self._llm is None:
                 raise RuntimeError("the vLLM engine is closed")
-            self._begin_update(encoding, version, base_version)  # until verified (and in vLLM): version 0
-            started = time.perf_counter()
-            self._apply_payload(payload, self.params, version)  # validates everything before changing anything
-            decoded = time.perf_counter()
-            hashing = self._hasher.submit(self._timed_digest)
+            self._begin_update(encoding, version, base_version, weights_sha256)  # until verified: version 0
+            started, cpu_started = time.perf_counter(), time.process_time()
+            # One codec thread: a second one saves almost no wall time here and costs a third more CPU.
+            info = self._apply_payload(payload, self.params, version, threads=1)  # validates all, then applies
+            decoded, cpu_decoded = time.perf_counter(), time.process_time()
+            hashing = self._hasher.submit(self._timed_digest, weights_sha256)
             try:
-                # Which tensors the payload left alone; read here, beside the hash (a delta's table is small).
-                same = ({n for n, t in codec.inspect(memoryview(payload)).tensors.items() if t.method == codec.SAME}
-                        if encoding == ENCODING_DELTA else set())
-                changed = {self._groups[n] for n in self.params if n not in same}
-                names = [n for n in self.params if self._groups[n] in changed]
-                if names:
-                    self._push(names)
-                pushed = time.perf_counter()
+                changed = [n for n in self.params if info.tensors[n].method != codec.SAME]
+                pushed = 0
+                if changed:
+                    pushed = (self._pusher.submit(self._writer.write, self.params, changed).result()
+                              if self._writer is not None else self._reload(changed))
+                    if not self._llm.reset_prefix_cache():
+                        raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+                pushed_at = time.perf_counter()
             finally:
-                digest, verify_s = hashing.result()  # never leave the hash reading tensors a later update writes
+                digest, verify_s, digest_cpu_s = hashing.result()  # never leave it reading what a later update writes
             self._verified(digest, weights_sha256, version)
-            self.last_apply = ApplyTiming(decoded - started, verify_s, pushed - decoded,
-                                          time.perf_counter() - started, len(names))
+            cpu_s = time.process_time() - cpu_started
+            decode_cpu_s = cpu_decoded - cpu_started
+            self.last_apply = ApplyTiming(decoded - started, verify_s, pushed_at - decoded,
+                                          time.perf_counter() - started, pushed, decode_cpu_s, digest_cpu_s,
+                                          cpu_s - decode_cpu_s - digest_cpu_s, cpu_s)
 
-    def _timed_digest(self) -> tuple[str, float]:
-        started = time.perf_counter()
-        return self._digest(self.params), time.perf_counter() - started
+    def _timed_digest(self, like: str) -> tuple[str, float, float]:
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        digest = self._digest(self.params, like)
+        return digest, time.perf_counter() - started, time.thread_time() - cpu_started
 
-    def _push(self, names: list[str]) -> None:
-        llm = self._llm
-        llm.collective_rpc(
+    def _reload(self, changed: list[str]) -> int:
+        """vLLM's own reload of every tensor of each unit that changed; returns how many tensors went in."""
+        units = {self._groups[n] for n in changed}
+        names = [n for n in self.params if self._groups[n] in units]
+        self._llm.collective_rpc(
             "reload_weights",
             kwargs={"weights_iterator": ((n, self.params[n]) for n in names), "is_checkpoint_format": True},
         )
-        llm.collective_rpc(_refresh_tied_layers)
-        if not llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+        self._llm.collective_rpc(_refresh_tied_layers)
+        return len(names)
 
     # -- generation
 
@@ -287,6 +319,162 @@ class VLLMEngine(EngineBase):
                 group.append(completion)
             groups.append(group)
         return groups
+
+
+def _get_model(worker) -> torch.nn.Module:
+    """vLLM's model object (runs inside its in-process worker)."""
+    return worker.model_runner.get_model()
+
+
+def _one_omp_thread() -> None:
+    """Run once in the push thread: its OpenMP team (torch ops, oneDNN packing) becomes this thread alone.
+
+    A first parallel op sets the thread's own count from the process default, then the count drops to one for
+    this thread (vLLM replaced `torch.set_num_threads` with a no-op; the C entry point is the real one). The
+    caller sets the process default back afterwards."""
+    torch.ones(1 << 16).add_(1)
+    torch._C.set_num_threads(1)
+
+
+@dataclass
+class _Fused:
+    """One vLLM linear layer whose weight vLLM packed away (q/k/v, gate/up, or a single projection)."""
+
+    module: torch.nn.Module
+    parts: list[tuple[str, int, int]]  # checkpoint name, first row, rows
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+
+class _CpuWriter:
+    """Writes checkpoint tensors straight into vLLM's CPU model (see the module docstring).
+
+    Linear layers are assembled in a reused buffer per shape and handed to vLLM's own GEMM set-up, which copies
+    them into its packed format; other tensors (norms, embeddings, biases) are copied into vLLM's parameters in
+    place; layers that compute with a kept weight (an lm_head, tied or not) are packed again once it changed.
+    """
+
+    def __init__(self, fused: dict[str, _Fused], copies: dict[str, torch.Tensor],
+                 repack: list[tuple[torch.nn.Module, set[str]]]):
+        self.fused = fused  # vLLM module path -> layer
+        self.unit = {name: path for path, f in fused.items() for name, _, _ in f.parts}
+        self.copies = copies  # checkpoint name -> the vLLM tensor (or rows of it) it is copied into
+        self.repack = repack  # modules to pack again, with the checkpoint names their weight comes from
+        self._buffers: dict[tuple[tuple[int, int], torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> tuple["_CpuWriter | None", str]:
+        """A writer for this model, or None and the reason why the layout is not one it handles."""
+        from vllm import _custom_ops as ops
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            ParallelLMHead,
+            UnquantizedEmbeddingMethod,
+            VocabParallelEmbedding,
+        )
+        from vllm.platforms import current_platform
+
+        if not ops._supports_onednn or current_platform.is_zen_cpu():
+            return None, "no oneDNN GEMMs in this vLLM build"
+        if get_tensor_model_parallel_world_size() != 1:
+            return None, "tensor parallel"
+        modules = dict(model.named_modules())
+        for path, module in modules.items():
+            method = getattr(module, "quant_method", None)
+            if method is not None and not isinstance(method, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)):
+                return None, f"{path} is quantized ({type(method).__name__})"
+        shard = {part: (merged, i) for merged, parts in (getattr(model, "packed_modules_mapping", None) or {}).items()
+                 for i, part in enumerate(parts)}
+        fused: dict[str, _Fused] = {}
+        copies: dict[str, torch.Tensor] = {}
+        for name, src in params.items():
+            prefix, _, leaf = name.rpartition(".")
+            owner, _, last = prefix.rpartition(".")
+            merged, index = shard.get(last, (None, 0))
+            path = (f"{owner}.{merged}" if owner else merged) if merged else prefix
+            module = modules.get(path)
+            if module is None:
+                return None, f"no vLLM module {path!r} for {name}"
+            if isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod):
+                sizes = list(getattr(module, "output_partition_sizes", ()))
+                if len(sizes) != (len(model.packed_modules_mapping[merged]) if merged else 1):
+                    return None, f"{path} has {len(sizes)} output parts"
+                first, rows = sum(sizes[:index]), sizes[index]
+                if leaf == "bias" and getattr(module, "bias", None) is not None and src.shape == (rows,):
+                    copies[name] = module.bias.data[first : first + rows]
+                    continue
+                width = module.input_size_per_partition
+                if leaf != "weight" or tuple(src.shape) != (rows, width):
+                    return None, f"{name} {tuple(src.shape)} does not fit {path}"
+                if not hasattr(module, "cpu_linear") or module.weight.numel() != 0:
+                    return None, f"{path} keeps its weight unpacked"
+                layer = fused.setdefault(path, _Fused(module, [], (sum(sizes), width), module.params_dtype))
+                layer.parts.append((name, first, rows))
+                continue
+            target = getattr(module, leaf, None)
+            if not isinstance(target, torch.Tensor) or target.dim() != src.dim():
+                return None, f"no vLLM tensor for {name}"
+            rows = src.shape[0] if isinstance(module, VocabParallelEmbedding) else target.shape[0]  # vocab padding
+            if tuple(target.shape[1:]) != tuple(src.shape[1:]) or target.shape[0] < rows or rows != src.shape[0]:
+                return None, f"{name} {tuple(src.shape)} does not fit {path}.{leaf} {tuple(target.shape)}"
+            copies[name] = target.data[:rows]
+        incomplete = [p for p, f in fused.items() if sum(rows for _, _, rows in f.parts) != f.shape[0]]
+        if incomplete:
+            return None, f"{incomplete[0]} misses checkpoint parts"
+        repack, lookups = [], []
+        for path, module in modules.items():
+            weight = getattr(module, "weight", None)
+            if path in fused or not hasattr(module, "cpu_linear") or not isinstance(weight, torch.Tensor):
+                continue
+            storage = weight.untyped_storage().data_ptr()
+            sources = {n for n, t in copies.items() if t.untyped_storage().data_ptr() == storage}
+            if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+                lookups.append(module)
+            elif sources:
+                repack.append((module, sources))
+            else:
+                return None, f"{path} computes with a weight no checkpoint tensor updates"
+        for module in lookups:
+            # An embedding looks rows up; vLLM packs its weight for a GEMM all the same, a copy nothing computes
+            # with. Pointing that GEMM at the live weight frees the copy and keeps it from ever going stale.
+            module.cpu_linear = torch.nn.functional.linear
+        return cls(fused, copies, repack), ""
+
+    @torch.no_grad()
+    def write(self, params: dict[str, torch.Tensor], changed: list[str]) -> int:
+        """Put the changed tensors (and the rest of each fused layer they belong to) into vLLM; returns how many
+        checkpoint tensors went in."""
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        changed_set = set(changed)
+        layers = {self.unit[n] for n in changed if n in self.unit}
+        written = 0
+        for path in layers:
+            layer = self.fused[path]
+            key = (layer.shape, layer.dtype)
+            buffer = self._buffers.get(key)
+            if buffer is None:
+                buffer = self._buffers[key] = torch.empty(layer.shape, dtype=layer.dtype)
+            for name, first, rows in layer.parts:
+                buffer[first : first + rows].copy_(params[name])
+            module = layer.module
+            module.cpu_linear = None  # the old packed copy goes first, so the new one can take its memory
+            module.weight = torch.nn.Parameter(buffer, requires_grad=False)
+            dispatch_cpu_unquantized_gemm(module, remove_weight=True)  # packs a copy, drops the weight
+            if module.weight.data_ptr() == buffer.data_ptr():  # vLLM computes from it (a fallback): it keeps it
+                del self._buffers[key]
+            written += len(layer.parts)
+        for name in changed:
+            target = self.copies.get(name)
+            if target is not None:
+                target.copy_(params[name])
+                written += 1
+        for module, sources in self.repack:
+            if sources & changed_set:
+                module.cpu_linear = None
+                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        return written
 
 
 def _refresh_tied_layers(worker) -> int:

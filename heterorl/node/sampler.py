@@ -14,6 +14,7 @@ built-in reward, and only for tasks whose questions verify themselves.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from heterorl.node.client import ClientSecurity, LearnerClient, Stopped, is_tran
 from heterorl.node.config import SamplerConfig
 from heterorl.node.engine_base import Engine, SamplingSettings, UnsupportedRun, weights_dtype
 from heterorl.node.engine_factory import create_engine
+from heterorl.node.metrics import CountingRetryPolicy, SamplerMetrics
 from heterorl.v1 import learner_pb2 as pb
 
 __all__ = ["CLIENT_VERSION", "Sampler", "SamplerConfig", "SamplerStats", "UnsupportedRun"]
@@ -121,8 +123,9 @@ class Sampler:
         self.config = config
         self.stop = stop
         security = ClientSecurity.from_config(config.security)
-        self.client = LearnerClient(config.sampler.learner, config.connection.retry_policy(), stop=stop,
-                                    security=security)
+        retry = CountingRetryPolicy(**dataclasses.asdict(config.connection.retry_policy()),
+                                    on_retry=lambda what: self.metrics.count_retry(what))
+        self.client = LearnerClient(config.sampler.learner, retry, stop=stop, security=security)
         self.stats = SamplerStats()
         self.session: _Session | None = None
         self.previous: _Session | None = None  # the session before a re-registration: its engine may be reused
@@ -131,6 +134,10 @@ class Sampler:
         self._lock = threading.Lock()
         self.lag = config.lag_policy()
         self.held_since = time.monotonic()  # when the loaded version was loaded
+        self.metrics = SamplerMetrics(self)  # heterorl/node/metrics.py; served on --metrics-port
+        self.metrics_port = 0
+        if config.report.metrics_port:
+            self.metrics_port = self.metrics.serve(config.report.metrics_host, config.report.metrics_port)
 
     # -- session
 
@@ -185,6 +192,7 @@ class Sampler:
         self.stats.weight_bytes += got.bytes_received
         self._note_version(got.version)
         self.held_since = time.monotonic()
+        self.metrics.downloaded(time.perf_counter() - started, got.corrupt_chunks, got.reconnects)
         kind = f"delta from v{got.base_version}" if got.base_version else "anchor"
         lagged = ""
         if self.lag.active and held:
@@ -246,6 +254,7 @@ class Sampler:
             )
         self.stats.groups_generated += len(out)
         self.stats.generate_seconds += seconds
+        self.metrics.generated(sum(len(c.token_ids) for g in out for c in g.completions), seconds)
         return out
 
     def _count_dropped(self, n: int, why: str) -> None:
@@ -280,7 +289,9 @@ class Sampler:
 
     def _flush(self, session: _Session) -> None:
         """Send the outbox until the learner has acknowledged or refused every group in it."""
+        started = time.perf_counter()
         self.client.with_retries("submit", lambda: self._send_outbox(session))
+        self.metrics.submitted(time.perf_counter() - started)
 
     def _heartbeat_loop(self, stop: threading.Event) -> None:
         while not stop.wait(self.config.connection.heartbeat_s):
@@ -352,6 +363,7 @@ class Sampler:
             self.stop.set()
             beat.join(timeout=1)
             self.client.close()
+            self.metrics.close()
             last = self.session or self.previous
             if last is not None:
                 last.engine.close()

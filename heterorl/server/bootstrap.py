@@ -37,9 +37,10 @@ class RunInputs:
     reward_name: str
     eval_problems: list[Problem]
     sampler_task_options: str  # JSON of the task's options if samplers may rebuild it to score locally, else ""
+    system_prompt: str | None = None  # put before every question, in the model's chat template
 
     def encode(self, problem: Problem) -> list[int]:
-        return model_lib.encode_prompt(self.tokenizer, problem.question)
+        return chat_prompt_ids(self.tokenizer, problem.question, self.system_prompt)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -52,13 +53,20 @@ def load(config: LearnerConfig) -> RunInputs:
     model_dir = model_lib.resolve_model(config.run.model)
     tokenizer = model_lib.load_tokenizer(model_dir)
     model = model_lib.load_causal_lm(model_dir, dtype=torch.float32)
-    task = make_task(config.run.task, **{"seed": config.run.seed, **config.run.task_kwargs()})
+    task = make_task(config.run.task, **{"seed": config.run.seed, **config.task_kwargs()})
+    reward_spec = config.run.reward_spec(task.default_reward)
     held_out = task.eval_problems()
     if config.eval.eval_size > len(held_out):
         logger.warning("eval_size %d > %d held-out problems of the task; using all of them",
                        config.eval.eval_size, len(held_out))
     # Samplers may rebuild the task to score their own completions only if its questions verify themselves.
     probe = task.train_problem(0).question
+    system_prompt = config.data.system_prompt
+    try:
+        chat_prompt_ids(tokenizer, probe, system_prompt)
+    except Exception as err:  # noqa: BLE001 - a template that refuses a system message (or any prompt) stops here
+        raise ValueError(f"the model's chat template cannot format this task's prompts"
+                         f"{' with a system prompt' if system_prompt else ''}: {err}") from None
     return RunInputs(
         model_dir=model_dir,
         tokenizer=tokenizer,
@@ -67,10 +75,21 @@ def load(config: LearnerConfig) -> RunInputs:
         pad_id=pad_id(tokenizer),
         model_files=read_model_files(model_dir),
         task=task,
-        reward_name=config.run.reward or task.default_reward,
+        reward_name=reward_spec.name,
         eval_problems=held_out[: config.eval.eval_size],
         sampler_task_options=json.dumps(task.options()) if task.local_reference(probe) is not None else "",
+        system_prompt=system_prompt,
     )
+
+
+def chat_prompt_ids(tokenizer, question: str, system_prompt: str | None = None) -> list[int]:
+    """Token ids of the question in the model's own chat template, after an optional system message, ending where
+    the assistant's answer begins (without a system prompt: exactly `model.encode_prompt`)."""
+    if system_prompt is None:
+        return model_lib.encode_prompt(tokenizer, question)
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def pad_id(tokenizer) -> int:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from heterorl.common.config import field, section
 from heterorl.common.logs import LoggingConfig
+from heterorl.common.rewards import BOXED_PATTERN, parse_reward_spec
 from heterorl.server.losses import LossConfig
+from heterorl.server.precision import COMPUTE_DTYPE_HELP, DEVICE_HELP, check_compute_dtype, check_device_spec
 from heterorl.server.trust import TrustConfig
 
 
@@ -28,10 +30,17 @@ class RunSection:
     """What the run is: model, task, reward, seed, where it lives and how long it trains."""
 
     model: str = field("smollm2-135m", "'smollm2-135m', 'tiny', or a local Hugging Face causal-LM directory")
-    task: str = field("arithmetic", "'arithmetic' or 'jsonl'")
-    task_path: Path | None = field(None, "JSONL file with question/answer lines (task 'jsonl')")
+    task: str = field("arithmetic", "'arithmetic', 'jsonl', or 'dataset' (local JSONL/JSON/Parquet/save_to_disk "
+                                    "data, see [data])")
+    task_path: Path | None = field(None, "the task's data: a JSONL file (task 'jsonl'), or a .jsonl/.json/.parquet "
+                                         "file or a datasets save_to_disk directory (task 'dataset')")
     task_options: str = field("", 'task options as a JSON object, e.g. \'{"low": 0, "high": 9}\' for arithmetic')
-    reward: str | None = field(None, "reward function name or 'module:function' (default: the task's)")
+    reward: str | None = field(None, "reward name or 'module:function', or several summed: 'math,format' "
+                                     "(built in: math, format, last_number, exact_match, digit_fraction; default: "
+                                     "the task's)")
+    reward_weights: list[float] = field([], "weight of each reward in --reward, in order (default: 1 each)")
+    format_pattern: str = field(BOXED_PATTERN, "regular expression the 'format' reward looks for (default: an "
+                                               "answer in \\boxed{})")
     reward_timeout_s: float = field(10.0, "seconds a 'module:function' reward may take per group before the group "
                                           "is refused (it runs in a worker process that is then replaced)")
     seed: int = field(0, "seed for the prompt stream, model init of 'tiny' and sampling on the learner")
@@ -48,6 +57,14 @@ class RunSection:
             (self.max_steps >= 0, "max_steps must be >= 0"),
         ])
         self.task_kwargs()
+        if self.reward is not None or self.reward_weights:
+            self.reward_spec("last_number")  # its checks (the task's default reward is known later)
+
+    def reward_spec(self, task_default: str):
+        """The run's weighted reward (heterorl.common.rewards.RewardSpec)."""
+        if self.reward is None and len(self.reward_weights) > 1:
+            raise ValueError("reward_weights has several values but --reward names no rewards")
+        return parse_reward_spec(self.reward or task_default, self.reward_weights or None, self.format_pattern)
 
     def task_kwargs(self) -> dict:
         """Keyword options of the task: `task_options` (a JSON object) plus `task_path`."""
@@ -59,6 +76,45 @@ class RunSection:
             raise ValueError(f"task_options must be a JSON object, got {self.task_options!r}")
         if self.task_path is not None:
             options["path"] = self.task_path
+        return options
+
+
+@dataclass
+class DataSection:
+    """How task 'dataset' reads its files (nothing is downloaded), and the system prompt of every task."""
+
+    question_column: str = field("question", "column holding the question (task 'dataset')")
+    answer_column: str = field("answer", "column holding the reference answer (task 'dataset')")
+    id_column: str | None = field(None, "column naming each problem (default: a hash of the question)")
+    eval_path: Path | None = field(None, "held-out problems in a second file (task 'dataset'; else --eval-fraction)")
+    eval_fraction: float | None = field(None, "share of the problems held out, chosen by a seeded hash of each "
+                                              "problem (default: the task's own, 0.1 for files)")
+    data_format: str = field("auto", "auto (by suffix; a directory is save_to_disk), jsonl, json, parquet or arrow")
+    data_split: str | None = field(None, "split of a save_to_disk DatasetDict (default: 'train')")
+    system_prompt: str | None = field(None, "system message put before every question, in the model's chat template")
+
+    def __post_init__(self) -> None:
+        if self.eval_path is not None:
+            self.eval_path = Path(self.eval_path)
+        _check([
+            (self.eval_fraction is None or 0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
+            (self.eval_path is None or not self.eval_fraction, "give eval_path or eval_fraction, not both"),
+            (bool(self.question_column) and bool(self.answer_column), "question_column and answer_column must "
+                                                                      "not be empty"),
+        ])
+
+    def task_kwargs(self, task: str) -> dict:
+        """The options of task `task` that these settings give; ValueError for one that applies to 'dataset' only."""
+        only_dataset = {"question_column": "question", "answer_column": "answer", "id_column": None,
+                        "eval_path": None, "data_format": "auto", "data_split": None}
+        options = {key: getattr(self, key) for key in only_dataset}
+        if task != "dataset":
+            changed = [key for key, value in options.items() if value != only_dataset[key]]
+            if changed:
+                raise ValueError(f"{', '.join(changed)}: set for task {task!r} but read by task 'dataset' only")
+            options = {}
+        if self.eval_fraction is not None:
+            options["eval_fraction"] = self.eval_fraction
         return options
 
 
@@ -93,6 +149,11 @@ class TrainSection:
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping norm (0 disables)")
     max_staleness: int | None = field(None, "drop (and count) groups more than this many versions old")
+    device: str = field("auto", DEVICE_HELP)
+    compute_dtype: str = field("auto", COMPUTE_DTYPE_HELP)
+    grad_checkpointing: bool = field(False, "recompute activations in backward: less memory, more time")
+    micro_batch_tokens: int = field(0, "token budget of one forward/backward (prompt + completion tokens, whole "
+                                       "groups each; a bigger group goes alone); 0 = the whole batch at once")
 
     def __post_init__(self) -> None:
         _check([
@@ -100,7 +161,10 @@ class TrainSection:
             (1 <= self.groups_per_step <= 4096, "groups_per_step must be in 1..4096"),
             (self.lr > 0, "lr must be > 0"),
             (self.max_staleness is None or self.max_staleness >= 0, "max_staleness must be >= 0"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
         ])
+        check_device_spec(self.device)
+        check_compute_dtype(self.compute_dtype)
 
 
 @dataclass
@@ -151,11 +215,16 @@ class EvalSection:
     eval_every: int = field(10, "evaluate on the held-out split every N steps (0 = only first and last)")
     eval_size: int = field(200, "held-out problems per evaluation (at most the task's held-out split)")
     eval_max_new_tokens: int = field(0, "tokens per evaluation answer (0 = max_new_tokens)")
+    eval_samples: int = field(0, "besides greedy accuracy, pass@1 averaged over K samples per problem at the run's "
+                                 "temperature (0 = greedy only)")
+    eval_batch_size: int = field(32, "sequences per evaluation generate call (bounds the evaluation's memory)")
 
     def __post_init__(self) -> None:
         _check([
             (self.eval_every >= 0 and self.eval_size >= 0, "eval_every and eval_size must be >= 0"),
             (self.eval_max_new_tokens >= 0, "eval_max_new_tokens must be >= 0"),
+            (0 <= self.eval_samples <= 256, "eval_samples must be in 0..256"),
+            (1 <= self.eval_batch_size <= 4096, "eval_batch_size must be in 1..4096"),
         ])
 
 
@@ -213,9 +282,34 @@ class DurabilitySection:
         ])
 
 
+REPORT_TARGETS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class ReportSection:
+    """Where the run's figures go besides metrics.jsonl: a Prometheus endpoint, TensorBoard, W&B
+    (heterorl/server/metrics.py, heterorl/server/reporting.py)."""
+
+    metrics_port: int = field(0, "serve Prometheus metrics over HTTP on this port (0 = off)")
+    metrics_host: str = field("127.0.0.1", "address the Prometheus metrics endpoint binds to")
+    report_to: list[str] = field([], "also log every metric of metrics.jsonl per step to: none, tensorboard "
+                                     "(RUN_DIR/tensorboard), wandb (offline unless WANDB_MODE says otherwise); "
+                                     "several allowed")
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.report_to if t not in REPORT_TARGETS]
+        _check([
+            (0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535"),
+            (not unknown, f"report_to: unknown target(s) {unknown}; choose from {', '.join(REPORT_TARGETS)}"),
+            ("none" not in self.report_to or len(set(self.report_to)) == 1, "report_to: 'none' cannot be combined "
+                                                                            "with other targets"),
+        ])
+
+
 @dataclass
 class LearnerConfig:
     run: RunSection = section(RunSection)
+    data: DataSection = section(DataSection)
     serve: ServeSection = section(ServeSection)
     train: TrainSection = section(TrainSection)
     loss: LossSection = section(LossSection)
@@ -224,7 +318,15 @@ class LearnerConfig:
     trust: TrustSection = section(TrustSection)
     security: SecuritySection = section(SecuritySection)
     durability: DurabilitySection = section(DurabilitySection)
+    report: ReportSection = section(ReportSection)
     logging: LoggingConfig = section(LoggingConfig)
+
+    def __post_init__(self) -> None:
+        self.task_kwargs()  # [data] settings that the task would not read are refused now, by name
+
+    def task_kwargs(self) -> dict:
+        """Keyword options of the run's task: [run] task_options and task_path, then the [data] settings."""
+        return {**self.run.task_kwargs(), **self.data.task_kwargs(self.run.task)}
 
     @property
     def inflight_limit(self) -> int:

@@ -30,7 +30,9 @@ from heterorl.server.config import LearnerConfig
 from heterorl.server.db import DB_NAME, RunDB
 from heterorl.server.ingest import Ingest, Submission, committed
 from heterorl.server.leases import Lease, LeaseBook, LeaseState
+from heterorl.server.metrics import LearnerMetrics
 from heterorl.server.registry import LearnerStatus, Registry, SamplerRecord
+from heterorl.server.reporting import Reports
 from heterorl.server.rewards import Scorer
 from heterorl.server.stats import MetricsLog, RunStats
 from heterorl.server.store import StoredGroup, TrajectoryStore
@@ -54,6 +56,9 @@ class Learner:
                 db.close()
             if scorer is not None:
                 scorer.close()
+            for telemetry in (getattr(self, "reports", None), getattr(self, "prometheus", None)):
+                if telemetry is not None:
+                    telemetry.close()
             raise
 
     def _build(self, plan: resume.RunPlan) -> None:
@@ -66,7 +71,8 @@ class Learner:
         self.trainer = Trainer(self.inputs.model, pad_id=self.inputs.pad_id, config=TrainerConfig(
             lr=config.train.lr, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
             temperature=config.sampling.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
-            loss=config.loss.loss_config(),
+            loss=config.loss.loss_config(), device=config.train.device, compute_dtype=config.train.compute_dtype,
+            grad_checkpointing=config.train.grad_checkpointing, micro_batch_tokens=config.train.micro_batch_tokens,
         ))
         self.versions = VersionStore(keep=config.serve.keep_versions, chunk_bytes=config.serve.chunk_bytes)
         self.trust = TrustBook(config.trust.trust_config())
@@ -82,6 +88,9 @@ class Learner:
         self.registry = Registry()
         self.stats = RunStats()
         self.metrics = MetricsLog(config.run.run_dir / "metrics.jsonl")
+        self.prometheus = LearnerMetrics(self)  # served on --metrics-port (heterorl/server/metrics.py)
+        self.reports = Reports.open(config.report.report_to, config.run.run_dir, self.run_id,
+                                    to_dict(config, flat=True))  # --report-to (heterorl/server/reporting.py)
         self.checkpoint_step = -1  # step of the newest recorded train-state checkpoint (-1: none)
         self.ingest = Ingest(self.lock, self.groups_ready, self.registry, self.leases, self.store, self.scorer,
                              self.inputs.decode, config.inflight_limit)
@@ -89,6 +98,9 @@ class Learner:
             resume.restore(self)
         else:
             self.publish()  # version 1: the weights the run starts from
+        self.metrics_port = 0  # where Prometheus metrics are served (0: not served)
+        if config.report.metrics_port:
+            self.metrics_port = self.prometheus.serve(config.report.metrics_host, config.report.metrics_port)
 
     # ---- what the service reads ------------------------------------------------------------------------------
 
@@ -224,3 +236,5 @@ class Learner:
                 pass
         self.db.close()
         self.scorer.close()
+        self.reports.close()
+        self.prometheus.close()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from heterorl.common import codec
 from heterorl.common.config import to_dict
 from heterorl.server import checkpoint as ckpt
+from heterorl.server import evaluate as evaluation
 from heterorl.server.commits import DurabilityError, Ticket
 from heterorl.server.db import CheckpointRow
 from heterorl.server.leases import LeaseState
@@ -147,6 +148,8 @@ def train_step(learner: Learner, batch: list[StoredGroup]) -> dict:
         **metrics,
     }
     learner.metrics.write(record)
+    learner.prometheus.trained(record)
+    learner.reports.write(record)
     return record
 
 
@@ -161,20 +164,30 @@ def publish(learner: Learner) -> None:
     delta = learner.versions.publish(version, snapshot, digest)
     size = f", delta from v{version - 1} {len(delta.data) / 2**20:.1f} MiB" if delta else ""
     logger.info("published version %d in %.2fs%s", version, time.perf_counter() - started, size)
+    learner.prometheus.published(time.perf_counter() - started, len(delta.data) if delta else 0)
 
 
 def evaluate(learner: Learner) -> float:
-    """Greedy held-out accuracy; a reward that fails on an answer scores it 0 (counted in the scorer)."""
-    started = time.perf_counter()
-    inputs, step = learner.inputs, learner.trainer.step
-    accuracy = learner.trainer.evaluate(inputs.eval_problems, inputs.encode, inputs.decode,
-                                        learner.scorer.score_or_zero, learner.config.eval_tokens)
-    learner.stats.eval_history.append((step, accuracy))
-    learner.metrics.write({"kind": "eval", "step": step, "version": learner.version, "accuracy": accuracy,
-                           "n": len(inputs.eval_problems), "seconds": time.perf_counter() - started,
-                           "time": time.time()})
-    logger.info("eval step %d: held-out accuracy %.3f (n=%d)", step, accuracy, len(inputs.eval_problems))
-    return accuracy
+    """Greedy held-out accuracy, and pass@1 over --eval-samples samples (heterorl/server/evaluate.py); a reward
+    that fails on an answer counts it wrong (counted in the scorer)."""
+    config, inputs, step = learner.config, learner.inputs, learner.trainer.step
+    model = learner.trainer.model
+    settings = evaluation.EvalSettings(
+        max_new_tokens=config.eval_tokens, samples=config.eval.eval_samples, temperature=config.sampling.temperature,
+        top_k=config.sampling.top_k, top_p=config.sampling.top_p, stop=tuple(config.sampling.stop),
+        batch_size=config.eval.eval_batch_size, seed=config.run.seed)
+    result = evaluation.evaluate_policy(model, inputs.eval_problems, inputs.encode, inputs.decode,
+                                        learner.scorer.correct, settings, inputs.pad_id,
+                                        evaluation.model_device(model, learner.trainer))
+    learner.stats.eval_history.append((step, result.accuracy))
+    record = evaluation.record(result, step, learner.version)
+    learner.metrics.write(record)
+    learner.prometheus.evaluated(record)
+    learner.reports.write(record)
+    pass1 = f", pass@1 {result.pass1:.3f} (k={result.k})" if result.pass1 is not None else ""
+    logger.info("eval step %d: held-out accuracy %.3f%s (n=%d, %.1fs)", step, result.accuracy, pass1, result.n,
+                result.seconds)
+    return result.accuracy
 
 
 def write_train_state(learner: Learner) -> Path | None:
@@ -195,6 +208,7 @@ def write_train_state(learner: Learner) -> Path | None:
         step, version, digest, str(path.relative_to(run_dir)), metrics_bytes, manifest, time.time())).wait()
     learner.checkpoint_step = step
     ckpt.remove_others(run_dir / ckpt.TRAIN_STATE_DIR, keep=path)
+    learner.prometheus.checkpointed(time.perf_counter() - started)
     logger.info("checkpoint of step %d (version %d) written in %.2fs; %d trained groups released from the database",
                 step, version, time.perf_counter() - started, released)
     return path
@@ -222,9 +236,9 @@ def write_summary(learner: Learner, started: float, exported: Path) -> dict:
         "leases_outstanding": counts[LeaseState.OUTSTANDING.value],
         "staleness_mean": stats.staleness_mean,
         "staleness_max": stats.staleness_max,
-        "eval": [{"step": s, "accuracy": a} for s, a in history],
         "base_accuracy": history[0][1] if history else math.nan,
         "final_accuracy": history[-1][1] if history else math.nan,
+        **evaluation.summary_fields(history, learner.metrics.path),  # "eval": per evaluation, with pass@1
         "eval_size": len(learner.inputs.eval_problems),
         "wall_seconds": time.time() - started,
         "metrics": str(learner.metrics.path),

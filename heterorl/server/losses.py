@@ -95,6 +95,27 @@ class LossConfig:
             raise ValueError(f"max_len must be None or a positive int, got {self.max_len!r}")
 
 
+@dataclass(frozen=True)
+class BatchNorms:
+    """The denominators of a loss, taken over the WHOLE optimizer batch.
+
+    A batch split into micro-batches of whole groups gives exactly the full-batch loss when each micro-batch's
+    loss divides by these (not by its own counts): every loss is a sum of per-sequence or per-token terms over
+    one of these counts. ``sequences``: completions with at least one token; ``tokens``: completion tokens;
+    ``width``: the longest completion (Dr.GRPO's normaliser when ``max_len`` is None).
+    """
+
+    sequences: int
+    tokens: int
+    width: int
+
+    @staticmethod
+    def of(mask: Tensor) -> "BatchNorms":
+        """The norms of a batch given whole, from its ``[N, G, T]`` mask."""
+        lengths = mask.sum(dim=-1)
+        return BatchNorms(int((lengths > 0).sum()), int(lengths.sum()), int(mask.shape[-1]))
+
+
 @dataclass
 class LossOutput:
     """The scalar loss (differentiable w.r.t. ``logprobs``) and detached float metrics."""
@@ -159,8 +180,13 @@ def policy_loss(
     mask: Tensor,
     rewards: Tensor,
     cfg: LossConfig,
+    norms: BatchNorms | None = None,
 ) -> LossOutput:
     """The loss selected by ``cfg.name`` on ``N`` groups of ``G`` completions.
+
+    ``norms``: the whole batch's denominators when these groups are one micro-batch of it (see `BatchNorms`);
+    None means these groups are the whole batch. Metrics describe the groups given (`loss` and `kl_k3` then being
+    their share of the whole batch's).
 
     ``logprobs``: ``[N, G, T]`` current per-token log-probs of the sampled tokens (with grad);
     ``behavior_logprobs``: ``[N, G, T]`` the sampler's log-probs of the same tokens (detached here);
@@ -187,8 +213,9 @@ def policy_loss(
     lengths = maskf.sum(dim=-1)  # [N, G]
     valid = lengths > 0  # [N, G]
     validf = valid.to(dtype)
-    n_valid = validf.sum()
-    n_tokens = maskf.sum()
+    whole = norms if norms is not None else BatchNorms.of(mask)
+    n_valid = torch.tensor(float(whole.sequences), dtype=dtype, device=lp.device)
+    n_tokens = torch.tensor(float(whole.tokens), dtype=dtype, device=lp.device)
     safe_len = lengths.clamp(min=1.0)
     s = lp.sum(dim=-1) / safe_len  # [N, G]
     s_hat = blp.sum(dim=-1) / safe_len
@@ -213,7 +240,7 @@ def policy_loss(
             per_seq = obj.sum(dim=-1) / safe_len
             policy = -per_seq.sum() / n_valid.clamp(min=1.0)
         else:
-            max_len = cfg.max_len if cfg.max_len is not None else mask.shape[-1]
+            max_len = cfg.max_len if cfg.max_len is not None else whole.width
             longest = int(lengths.max().item()) if lengths.numel() else 0
             if longest > max_len:
                 raise ValueError(

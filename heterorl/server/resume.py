@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 # Settings that define what the run's stored leases, groups and samplers mean; a resume may not change them.
 RUN_IDENTITY = (
     "model", "task", "task_path", "task_options", "reward", "seed", "group_size", "max_new_tokens",
-    "temperature", "top_p", "top_k", "stop",
+    "temperature", "top_p", "top_k", "stop", "max_prompt_tokens", "reward_weights", "format_pattern",
+    "question_column", "answer_column", "id_column", "eval_path", "eval_fraction", "data_format", "data_split",
+    "system_prompt",
 )
 # Settings of the process rather than the run: a resumed learner takes them from its own command line.
 PER_PROCESS = {"log_level", "log_format"}
@@ -96,8 +98,8 @@ def _merged(stored: dict[str, Any], requested: LearnerConfig, explicit: set[str]
     now, was = flat_dict(requested), flat_dict(base)
     changes = {name: now[name] for name in sorted(given - {"resume", "run_dir"})}
     for name in RUN_IDENTITY:
-        if name in changes and changes[name] != was[name]:
-            raise ValueError(f"--resume cannot change {name} (the run has {was[name]!r}, asked for "
+        if name in changes and changes[name] != was.get(name):
+            raise ValueError(f"--resume cannot change {name} (the run has {was.get(name)!r}, asked for "
                              f"{changes[name]!r})")
     if "port" not in given and base.serve.port == 0:  # the address its samplers know (RUN_DIR/learner.json)
         try:

@@ -1,10 +1,12 @@
-"""The run's reward function, contained: user code may raise, hang or crash without taking the learner along.
+"""The run's reward, contained: user code may raise, hang or crash without taking the learner along.
 
-Built-in rewards (by name, `heterorl.common.tasks.REWARDS`) are ours and fast: they run inline, and an exception
-or a value that is not a finite number refuses the group. A custom `module:function` reward runs in a small pool of
-worker processes (spawn context; each worker imports the function once): the learner never imports the module
-itself, a call that runs past `timeout_s` is refused and its worker killed and replaced, and a worker that dies
-(a crash, `os._exit` in user code) is replaced too. Either way the caller gets `Refused` with
+A run's reward is a weighted list (`heterorl.common.rewards.RewardSpec`, e.g. `math=1,format=0.2`); each
+term is scored by itself and the terms are summed. Fast built-in rewards run inline, and an exception or a value
+that is not a finite number refuses the group. A custom `module:function` reward, and the built-in `math` (sympy can
+run away on a pathological expression, and math-verify's own SIGALRM timeouts cannot work in gRPC threads), run in
+a small pool of worker processes (spawn context; each worker imports the function once): the learner never imports
+a custom module itself, a call that runs past `timeout_s` is refused and its worker killed and replaced, and a
+worker that dies (a crash, `os._exit` in user code) is replaced too. Either way the caller gets `Refused` with
 `Reason.REWARD_FAILED` or `Reason.REWARD_TIMEOUT`, and the gRPC worker and the trainer carry on.
 """
 
@@ -21,18 +23,30 @@ from multiprocessing.connection import Connection
 import grpc
 
 from heterorl.common.contract import Reason
-from heterorl.common.tasks import REWARDS, get_reward
+from heterorl.common.rewards import (
+    REWARDS,
+    RewardFn,
+    RewardSpec,
+    check_reward_name,
+    format_reward,
+    get_reward,
+    parse_reward_spec,
+)
 from heterorl.server.errors import Refused
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0  # a worker's import of the reward module
+# Built-in rewards that run in worker processes rather than inline (see the module docstring).
+POOLED_BUILTINS = frozenset({"math"})
 
 
 def _serve(name: str, conn: Connection) -> None:
     """A worker process: import the reward once, then score batches until the pipe closes."""
     try:
         fn = get_reward(name)
+        if name in POOLED_BUILTINS:
+            fn("0", "0")  # its heavy imports now, at start-up, not inside the first group's time limit
     except BaseException as err:  # noqa: BLE001 - reported to the learner, which refuses to start
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
@@ -178,59 +192,97 @@ class RewardCounts:
         return self.refused_failed + self.refused_timeout
 
 
-class Scorer:
-    """Scores completions with the run's reward; every failure is a `Refused`, counted in `counts`."""
+@dataclass
+class _Term:
+    name: str
+    weight: float
+    inline: RewardFn | None  # None: scored in `pool`
+    pool: _Pool | None
 
-    def __init__(self, name: str, timeout_s: float, workers: int = 2):
-        self.name = name
+
+class Scorer:
+    """Scores completions with the run's weighted rewards; every failure is a `Refused`, counted in `counts`."""
+
+    def __init__(self, spec: RewardSpec | str, timeout_s: float, workers: int = 2):
+        self.spec = spec if isinstance(spec, RewardSpec) else parse_reward_spec(spec)
+        self.name = self.spec.name
         self.timeout_s = timeout_s
         self.counts = RewardCounts()
         self._lock = threading.Lock()
-        if name in REWARDS:
-            self._inline, self._pool = REWARDS[name], None
-        else:
-            get_reward_path_checked(name)
-            self._inline, self._pool = None, _Pool(name, workers)
+        self._terms: list[_Term] = []
+        try:
+            for term in self.spec.terms:
+                self._terms.append(self._term(term.name, term.weight, workers))
+        except BaseException:
+            self.close()
+            raise
+
+    def _term(self, name: str, weight: float, workers: int) -> _Term:
+        if name == "format":
+            return _Term(name, weight, format_reward(self.spec.format_pattern), None)
+        if name in REWARDS and name not in POOLED_BUILTINS:
+            return _Term(name, weight, REWARDS[name], None)
+        check_reward_name(name)
+        return _Term(name, weight, None, _Pool(name, workers))
+
+    def _raw(self, term: _Term, texts: list[str], answer: str) -> list[float]:
+        """One term's unweighted scores."""
+        if term.pool is not None:
+            return _finite(term.pool.call(texts, answer, self.timeout_s), term.name)
+        try:
+            values = [term.inline(text, answer) for text in texts]
+        except Exception as err:  # noqa: BLE001 - contained: this group is refused
+            raise _failed(f"the run's reward {term.name!r} raised {type(err).__name__}: {err}") from None
+        return _finite(values, term.name)
 
     def _score(self, texts: list[str], answer: str) -> list[float]:
-        if self._pool is not None:
-            return _finite(self._pool.call(texts, answer, self.timeout_s), self.name)
-        try:
-            values = [self._inline(text, answer) for text in texts]
-        except Exception as err:  # noqa: BLE001 - contained: this group is refused
-            raise _failed(f"the run's reward {self.name!r} raised {type(err).__name__}: {err}") from None
-        return _finite(values, self.name)
+        totals = [0.0] * len(texts)
+        for term in self._terms:
+            if term.weight == 0.0:
+                continue
+            for i, value in enumerate(self._raw(term, texts, answer)):
+                totals[i] += term.weight * value
+        return totals
+
+    def _count(self, refused: Refused) -> None:
+        with self._lock:
+            if refused.reason is Reason.REWARD_TIMEOUT:
+                self.counts.refused_timeout += 1
+            else:
+                self.counts.refused_failed += 1
 
     def score(self, texts: list[str], answer: str) -> list[float]:
-        """The reward of each text against `answer`; Refused (REWARD_FAILED / REWARD_TIMEOUT) when it fails."""
+        """The weighted reward of each text against `answer`; Refused (REWARD_FAILED / REWARD_TIMEOUT) on failure."""
         try:
             return self._score(texts, answer)
         except Refused as refused:
-            with self._lock:
-                if refused.reason is Reason.REWARD_TIMEOUT:
-                    self.counts.refused_timeout += 1
-                else:
-                    self.counts.refused_failed += 1
+            self._count(refused)
             raise
+
+    def _eval_failed(self, err: Refused) -> None:
+        with self._lock:
+            self.counts.eval_failures += 1
+        logger.warning("evaluation answer scored 0: %s", err)
 
     def score_or_zero(self, text: str, answer: str) -> float:
         """For evaluation: a reward that fails scores 0 (counted and logged), and the evaluation goes on."""
         try:
             return self._score([text], answer)[0]
         except Refused as err:
-            with self._lock:
-                self.counts.eval_failures += 1
-            logger.warning("evaluation answer scored 0: %s", err)
+            self._eval_failed(err)
             return 0.0
 
+    def correct(self, texts: list[str], answer: str) -> list[bool]:
+        """For evaluation: whether each text is right by the first reward (unweighted score >= 1; the others, such as
+        a format bonus, do not make an answer right). A reward that fails marks the texts wrong (counted)."""
+        try:
+            return [value >= 1.0 for value in self._raw(self._terms[0], texts, answer)]
+        except Refused as err:
+            self._eval_failed(err)
+            return [False] * len(texts)
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-
-
-def get_reward_path_checked(name: str) -> None:
-    """ValueError unless `name` has the form of an import path 'package.module:function' (nothing is imported)."""
-    module_name, sep, attr = name.partition(":")
-    if not sep or not module_name or not attr:
-        get_reward(name)  # raises the registry's own message: unknown name, or a malformed path
+        for term in self._terms:
+            if term.pool is not None:
+                term.pool.close()
 

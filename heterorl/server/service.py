@@ -185,9 +185,11 @@ class LearnerService(pb_grpc.LearnerServicer):
             require(request.offset <= total, f"offset {request.offset} is past the end of the {total}-byte payload "
                     f"of version {want}", Reason.OFFSET, grpc.StatusCode.OUT_OF_RANGE)
         chunk_bytes = self.learner.config.serve.chunk_bytes
+        served = self.learner.prometheus.serve_bytes
         for chunk in iter_chunks(payload.data, chunk_bytes, request.offset, payload.chunk_sha256):
             if not context.is_active():
                 return
+            served(len(chunk.data))
             yield pb.WeightChunk(
                 version=payload.version, base_version=payload.base_version, encoding=payload.encoding,
                 total_bytes=total, offset=chunk.offset, data=bytes(chunk.data), chunk_sha256=chunk.sha256,
@@ -237,6 +239,7 @@ def build_server(
     for warning in security.check_bind(host):
         logger.warning("%s", warning)
     service = LearnerService(learner, security)
+    learner.prometheus.watch_refusals(service.refusals)  # heterorl_requests_refused_total{reason}
     # The largest valid request is a trajectory group; refuse bigger messages before they are read into memory.
     receive_limit = min(MAX_MESSAGE_BYTES, max(1 << 20, 2 * service.rules.max_bytes))
     options = [

@@ -6,16 +6,15 @@ hands out bf16 snapshots of the weights for publishing.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-from heterorl.common.model import left_pad
-from heterorl.common.tasks import Problem
 from heterorl.common.weights import weight_tensors
 from heterorl.server.losses import LossConfig, policy_loss
+from heterorl.server.microbatch import batch_norms, plan_micro_batches
+from heterorl.server.precision import autocast, resolve_compute_dtype, resolve_device
 from heterorl.server.store import StoredGroup
 
 
@@ -28,7 +27,10 @@ class TrainerConfig:
     loss: LossConfig
     top_k: int = 0        # the run's sampling rule, so recomputed log-probs match what samplers report
     top_p: float = 1.0
-    micro_groups: int = 4  # groups per forward/backward; bounds the memory of the logits
+    device: str = "auto"          # heterorl.server.precision.DEVICE_HELP
+    compute_dtype: str = "auto"   # forward/backward arithmetic; master weights and AdamW state stay fp32
+    grad_checkpointing: bool = False
+    micro_batch_tokens: int = 0   # token budget of one forward/backward, whole groups each (0 = the whole batch)
 
 
 def sampled_token_logprobs(
@@ -79,7 +81,10 @@ def completion_logprobs(
     for row, seq in enumerate(sequences):
         input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention[row, : len(seq)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention).logits  # [B, L, V]
+    # Only positions from the earliest prompt end on score a completion token: the [B, L, V] logits of the
+    # prompts are never built (the vocabulary makes them the biggest tensor of the step).
+    keep = max_len - min(prompt_lens) + 1
+    logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, logits_to_keep=keep).logits
     comp_lens = [n - p for n, p in zip(lengths, prompt_lens, strict=True)]
     width = max(comp_lens)
     # Position t predicts token t+1: the completion token at absolute index p+j is scored by logits[p+j-1].
@@ -89,7 +94,8 @@ def completion_logprobs(
     mask = offsets[None, :] < torch.tensor(comp_lens, device=device)[:, None]
     rows = torch.arange(len(sequences), device=device)[:, None]
     targets = input_ids[rows, positions + 1]
-    logprobs = sampled_token_logprobs(logits[rows, positions], targets, temperature, top_k, top_p)  # [B, T]
+    scored = logits[rows, positions - (max_len - logits.shape[1])]  # logits keep the last `keep` positions
+    logprobs = sampled_token_logprobs(scored, targets, temperature, top_k, top_p)  # [B, T]
     return logprobs.masked_fill(~mask, 0.0), mask
 
 
@@ -126,8 +132,16 @@ def group_logprobs(
 
 
 class Trainer:
+    """fp32 master weights and AdamW state on `config.device`; forward/backward in `config.compute_dtype`."""
+
     def __init__(self, model: torch.nn.Module, pad_id: int, config: TrainerConfig):
-        self.model = model.float().train()
+        self.device = resolve_device(config.device)
+        self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device)
+        self.model = model.to(device=self.device, dtype=torch.float32).train()
+        if config.grad_checkpointing:
+            # HF checkpointing drops the KV cache in training, so the step then scores each group with one plain
+            # forward over its full sequences (`completion_logprobs`) instead of the shared-prompt path.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.pad_id = pad_id
         self.config = config
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -135,26 +149,26 @@ class Trainer:
         self.step = 0
 
     def train_step(self, groups: list[StoredGroup]) -> dict[str, float]:
-        """One optimizer step on whole groups; returns the step's metrics (loss evidence, grad norm, time)."""
+        """One optimizer step on whole groups; returns the step's metrics (loss evidence, grad norm, time).
+
+        Micro-batches of whole groups (`--micro-batch-tokens`) each add their share of the full-batch loss (every
+        loss divides by the whole batch's counts), so the gradient is the full batch's whatever the budget.
+        The metrics are those of the whole batch, computed once from the detached log-probs.
+        """
         if not groups:
             raise ValueError("train_step needs at least one group")
         started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        n_total = len(groups)
-        sums: dict[str, float] = {}
-        maxes: dict[str, float] = {}
-        for first in range(0, n_total, self.config.micro_groups):
-            chunk = groups[first : first + self.config.micro_groups]
-            out = self._loss(chunk)
-            # Every loss is a mean over sequences of per-group terms, so whole-group micro-batches add up
-            # exactly when weighted by their share of the groups.
-            (out.loss * (len(chunk) / n_total)).backward()
-            for key, value in out.metrics.items():
-                if key.endswith("_max"):
-                    maxes[key] = max(maxes.get(key, -math.inf), value)
-                else:
-                    sums[key] = sums.get(key, 0.0) + value * len(chunk) / n_total
+        norms = batch_norms(groups)
+        seen: list[tuple[torch.Tensor, ...]] = []
+        for chunk in plan_micro_batches(groups, self.config.micro_batch_tokens):
+            logprobs, behaviour, mask, rewards = self._batch(chunk, norms.width)
+            out = policy_loss(logprobs, behaviour, mask, rewards, self.config.loss, norms)
+            out.loss.backward()
+            seen.append((logprobs.detach(), behaviour, mask, rewards))
+        with torch.no_grad():
+            metrics = policy_loss(*(torch.cat(parts) for parts in zip(*seen)), self.config.loss).metrics
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.config.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -163,53 +177,37 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        metrics = {**sums, **maxes}
         metrics["grad_norm"] = float(grad_norm)
         metrics["train_seconds"] = time.perf_counter() - started
         return metrics
 
-    def _loss(self, groups: list[StoredGroup]):
+    def _batch(self, groups: list[StoredGroup], width: int):
+        """(log-probs with grad, behaviour log-probs, mask, rewards) of `groups`, padded to `width`, on the device."""
         rows, masks, behaviour, rewards = [], [], [], []
-        width = max(len(c.token_ids) for g in groups for c in g.completions)
+        c = self.config
         for group in groups:
-            logprobs, mask = group_logprobs(
-                self.model, list(group.prompt_token_ids), [list(c.token_ids) for c in group.completions],
-                self.config.temperature, self.pad_id, self.config.top_k, self.config.top_p,
-            )
+            prompt, completions = list(group.prompt_token_ids), [list(x.token_ids) for x in group.completions]
+            with autocast(self.device, self.compute_dtype):
+                if c.grad_checkpointing:
+                    logprobs, mask = completion_logprobs(
+                        self.model, [prompt + comp for comp in completions], [len(prompt)] * len(completions),
+                        c.temperature, self.pad_id, c.top_k, c.top_p)
+                else:
+                    logprobs, mask = group_logprobs(
+                        self.model, prompt, completions, c.temperature, self.pad_id, c.top_k, c.top_p)
             pad = width - logprobs.shape[1]
-            rows.append(torch.nn.functional.pad(logprobs, (0, pad)))
+            rows.append(torch.nn.functional.pad(logprobs.float(), (0, pad)))
             masks.append(torch.nn.functional.pad(mask, (0, pad)))
             b = torch.zeros((len(group.completions), width))
             for i, comp in enumerate(group.completions):
                 b[i, : len(comp.logprobs)] = torch.tensor(comp.logprobs, dtype=torch.float32)
             behaviour.append(b)
-            rewards.append(torch.tensor([c.reward for c in group.completions], dtype=torch.float32))
-        return policy_loss(
-            torch.stack(rows), torch.stack(behaviour), torch.stack(masks), torch.stack(rewards), self.config.loss
-        )
+            rewards.append(torch.tensor([x.reward for x in group.completions], dtype=torch.float32))
+        return (torch.stack(rows), torch.stack(behaviour).to(self.device), torch.stack(masks),
+                torch.stack(rewards).to(self.device))
 
     def snapshot(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-        """The weights as published: each parameter cast to `dtype` (a fresh copy, safe to encode later)."""
-        return {name: t.detach().to(dtype).contiguous() for name, t in weight_tensors(self.model).items()}
-
-    @torch.no_grad()
-    def evaluate(self, problems: list[Problem], encode, decode, reward_fn, max_new_tokens: int,
-                 batch_size: int = 32) -> float:
-        """Greedy held-out accuracy: fraction of problems whose greedy answer earns reward >= 1."""
-        if not problems:
-            return float("nan")
-        self.model.eval()
-        correct = 0
-        for first in range(0, len(problems), batch_size):
-            batch = problems[first : first + batch_size]
-            ids, attention = left_pad([encode(p) for p in batch], self.pad_id)
-            width = ids.shape[1]
-            out = self.model.generate(
-                input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=max_new_tokens,
-                pad_token_id=self.pad_id,
-            )
-            for row, problem in enumerate(batch):
-                text = decode(out[row, width:].tolist())
-                correct += reward_fn(text, problem.answer) >= 1.0
-        self.model.train()
-        return correct / len(problems)
+        """The weights as published: each fp32 master parameter cast to `dtype`, on the CPU (a fresh copy, safe to
+        encode later)."""
+        return {name: t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
+                for name, t in weight_tensors(self.model).items()}

@@ -100,8 +100,10 @@ class TrustBook:
 class Verifier:
     """Recomputes a group's per-token log-probs under the exact published version that generated it.
 
-    Holds its own fp32 copy of the architecture, so verification never touches the trainer's weights; loading a
-    version is one in-place copy of its bf16 snapshot, skipped when the same version is checked again.
+    Holds its own fp32 copy of the architecture on the trainer's device (`--device`), so verification never touches
+    the trainer's weights; loading a version is one in-place copy of its bf16 snapshot (from the CPU), skipped when
+    the same version is checked again. It always recomputes in fp32 arithmetic, whatever `--compute-dtype` the
+    trainer uses, as the transformers engine does.
     """
 
     def __init__(self, model: torch.nn.Module, pad_id: int, temperature: float, top_k: int = 0, top_p: float = 1.0):
