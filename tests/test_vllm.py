@@ -246,6 +246,15 @@ def test_direct_writes_give_the_engine_vllm_reload_gives(setup):
     assert [g[0].token_ids for g in engine.generate(setup.prompts, 1, setup.greedy)] == expected[2]
     timing = engine.last_apply
     assert timing.cpu_s > 0 and timing.digest_cpu_s > 0 and timing.decode_cpu_s > 0
+    # A layout the writer does not know is left to vLLM's reload, with the reason.
+    from heterorl.node.vllm_cpu_writer import CpuWriter, get_model
+
+    model = engine._llm.collective_rpc(get_model)[0]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for extra, reason in (({"model.extra.weight": torch.zeros(2, 2)}, "no vLLM module"),
+                          ({q: torch.zeros(engine.params[q].shape[0] + 1, engine.params[q].shape[1])}, "does not fit")):
+        built, why = CpuWriter.build(model, {**engine.params, **extra})
+        assert built is None and reason in why, why
 
 
 def test_digests_by_name_legacy_sha256_accepted(setup):

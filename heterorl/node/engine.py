@@ -58,9 +58,9 @@ class TransformersEngine(EngineBase):
     def load_weights(self, encoding: str, payload: bytes | bytearray, version: int, base_version: int,
                      weights_sha256: str) -> None:
         """Apply a verified payload in place; the engine refuses to run unless the result hashes right."""
-        self._begin_update(encoding, version, base_version)
+        self._begin_update(encoding, version, base_version, weights_sha256)
         self._apply_payload(payload, self.params, version)
-        self._verified(self._digest(self.params), weights_sha256, version)
+        self._verified(self._digest(self.params, weights_sha256), weights_sha256, version)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int, sampling: SamplingSettings) -> list[list[GeneratedCompletion]]:

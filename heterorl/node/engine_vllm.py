@@ -10,18 +10,19 @@ Why it is built this way:
   version 0 (and refuses to generate) from the start of an update until the digest matches; a payload the codec
   rejects never reaches vLLM, and after a digest mismatch only an anchor (which replaces every weight) brings the
   engine back.
-* On CPU the changed tensors are written straight into vLLM's model (`_CpuWriter`): each linear layer vLLM fuses
+* On CPU the changed tensors are written straight into vLLM's model (`CpuWriter`): each linear layer vLLM fuses
   (q/k/v, gate/up) is assembled from its checkpoint parts in one reused buffer and handed to vLLM's own CPU GEMM
-  set-up (``dispatch_cpu_unquantized_gemm``, which packs it for oneDNN), norms and embeddings are copied in place,
-  and a tied lm_head is packed again from the updated embedding. That is exactly what vLLM's
-  ``reload_weights`` ends with, without its per-layer machinery (layers rebuilt on the meta device, a fresh
-  allocation per tensor, copies back into the old storage), which cost twice the CPU. The writer runs in its
-  own thread with one OpenMP thread: under load, every multi-threaded op would spin at its barriers while the
-  other thread waits for a core, which tripled the update's CPU time on a busy machine. It is built only for
-  layouts it checks at start-up (unquantized, one rank, every checkpoint tensor mapped to a shape it matches);
-  anything else, and GPUs, take ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``, which pushes
-  every tensor of each decoder layer that changed (vLLM processes a layer once all its parts have arrived).
-* Cost of a one-step delta of the default model here (``benchmarks/engines.py``): see the README's figures.
+  set-up (``dispatch_cpu_unquantized_gemm``, which packs a copy for oneDNN), norms and embeddings are copied in
+  place, and a tied lm_head is packed again from the updated embedding. That is what vLLM's ``reload_weights``
+  ends with, without its per-layer machinery (each layer rebuilt on the meta device, fresh tensors allocated and
+  copied back into the old storage), which cost the default model 0.6-0.85 CPU-s per update against 0.3 here.
+  It runs in its own thread with a single OpenMP thread (see `one_omp_thread`), and is built only for layouts
+  it checks at start-up (unquantized, one rank, every checkpoint tensor mapped to a vLLM tensor of its shape);
+  anything else, and GPUs, take ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``, which
+  pushes every tensor of each decoder layer that changed (vLLM processes a layer once all its parts have
+  arrived). The linear layers stay packed: computing them (or the lm_head) from unpacked fp32 weights would
+  make updates cheaper but costs 1.5-3.5% more CPU per generated token here.
+* What an update of the default model costs (``benchmarks/engines.py`` prints it by part): see the README.
 * Log-probs are vLLM's ``processed_logprobs``: after temperature and top-k/top-p, renormalized over the kept
   tokens, i.e. the distribution each token was drawn from (see `heterorl.node.engine_base` for the exact rule the
   learner recomputes).
@@ -55,6 +56,7 @@ from heterorl.common import codec
 from heterorl.common.model import load_tokenizer
 from heterorl.common.weights import weight_tensors
 from heterorl.node.engine_base import ENGINE_VLLM, EngineBase, GeneratedCompletion, SamplingSettings
+from heterorl.node.vllm_cpu_writer import CpuWriter, get_model, one_omp_thread, refresh_tied_layers, vllm_on_cpu
 from heterorl.v1 import learner_pb2 as pb
 
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -156,9 +158,11 @@ class VLLMEngine(EngineBase):
         self.last_apply: ApplyTiming | None = None
         self._lock = threading.Lock()
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-digest")
+        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-push")  # the CPU writer's thread
+        self._writer: CpuWriter | None = None
 
         opts = self.options
-        on_cpu = _vllm_on_cpu()
+        on_cpu = vllm_on_cpu()
         dtype = opts.dtype if opts.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
         limit = getattr(config, "max_position_embeddings", None) or opts.max_model_len
         memory = (
@@ -181,16 +185,16 @@ class VLLMEngine(EngineBase):
             self.close()
             raise RuntimeError(f"vLLM cannot run the model in {model_dir} on this machine: {err}") from err
         # Updates write into the CPU model directly where its layout allows it (see the module docstring).
-        self._writer: _CpuWriter | None = None
         if on_cpu:
-            model = self._llm.collective_rpc(_get_model)[0]
-            self._writer, why = _CpuWriter.build(model, self.params)
+            try:
+                self._writer, why = CpuWriter.build(self._llm.collective_rpc(get_model)[0], self.params)
+            except Exception as err:  # vLLM internals this version of the writer does not know: vLLM's reload
+                self._writer, why = None, f"{type(err).__name__}: {err}"
             if self._writer is None:
                 logging.getLogger(__name__).info("vLLM weight updates go through reload_weights: %s", why)
-        self._pusher = ThreadPoolExecutor(1, thread_name_prefix="heterorl-push")
-        if self._writer is not None:
-            self._pusher.submit(_one_omp_thread).result()
-            torch._C.set_num_threads(torch.get_num_threads())  # the default for threads started later, as before
+            else:
+                self._pusher.submit(one_omp_thread).result()
+                torch._C.set_num_threads(torch.get_num_threads())  # the default for later threads, as before
         self.start_seconds = time.perf_counter() - started
 
     @property
@@ -232,7 +236,7 @@ class VLLMEngine(EngineBase):
                 raise RuntimeError("the vLLM engine is closed")
             self._begin_update(encoding, version, base_version, weights_sha256)  # until verified: version 0
             started, cpu_started = time.perf_counter(), time.process_time()
-            # One codec thread: a second one saves almost no wall time here and costs a third more CPU.
+            # One codec thread: a second one saves a few percent of wall time here and costs a quarter more CPU.
             info = self._apply_payload(payload, self.params, version, threads=1)  # validates all, then applies
             decoded, cpu_decoded = time.perf_counter(), time.process_time()
             hashing = self._hasher.submit(self._timed_digest, weights_sha256)
@@ -267,7 +271,7 @@ class VLLMEngine(EngineBase):
             "reload_weights",
             kwargs={"weights_iterator": ((n, self.params[n]) for n in names), "is_checkpoint_format": True},
         )
-        self._llm.collective_rpc(_refresh_tied_layers)
+        self._llm.collective_rpc(refresh_tied_layers)
         return len(names)
 
     # -- generation
@@ -319,185 +323,3 @@ class VLLMEngine(EngineBase):
                 group.append(completion)
             groups.append(group)
         return groups
-
-
-def _get_model(worker) -> torch.nn.Module:
-    """vLLM's model object (runs inside its in-process worker)."""
-    return worker.model_runner.get_model()
-
-
-def _one_omp_thread() -> None:
-    """Run once in the push thread: its OpenMP team (torch ops, oneDNN packing) becomes this thread alone.
-
-    A first parallel op sets the thread's own count from the process default, then the count drops to one for
-    this thread (vLLM replaced `torch.set_num_threads` with a no-op; the C entry point is the real one). The
-    caller sets the process default back afterwards."""
-    torch.ones(1 << 16).add_(1)
-    torch._C.set_num_threads(1)
-
-
-@dataclass
-class _Fused:
-    """One vLLM linear layer whose weight vLLM packed away (q/k/v, gate/up, or a single projection)."""
-
-    module: torch.nn.Module
-    parts: list[tuple[str, int, int]]  # checkpoint name, first row, rows
-    shape: tuple[int, int]
-    dtype: torch.dtype
-
-
-class _CpuWriter:
-    """Writes checkpoint tensors straight into vLLM's CPU model (see the module docstring).
-
-    Linear layers are assembled in a reused buffer per shape and handed to vLLM's own GEMM set-up, which copies
-    them into its packed format; other tensors (norms, embeddings, biases) are copied into vLLM's parameters in
-    place; layers that compute with a kept weight (an lm_head, tied or not) are packed again once it changed.
-    """
-
-    def __init__(self, fused: dict[str, _Fused], copies: dict[str, torch.Tensor],
-                 repack: list[tuple[torch.nn.Module, set[str]]]):
-        self.fused = fused  # vLLM module path -> layer
-        self.unit = {name: path for path, f in fused.items() for name, _, _ in f.parts}
-        self.copies = copies  # checkpoint name -> the vLLM tensor (or rows of it) it is copied into
-        self.repack = repack  # modules to pack again, with the checkpoint names their weight comes from
-        self._buffers: dict[tuple[tuple[int, int], torch.dtype], torch.Tensor] = {}
-
-    @classmethod
-    def build(cls, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> tuple["_CpuWriter | None", str]:
-        """A writer for this model, or None and the reason why the layout is not one it handles."""
-        from vllm import _custom_ops as ops
-        from vllm.distributed import get_tensor_model_parallel_world_size
-        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-        from vllm.model_executor.layers.vocab_parallel_embedding import (
-            ParallelLMHead,
-            UnquantizedEmbeddingMethod,
-            VocabParallelEmbedding,
-        )
-        from vllm.platforms import current_platform
-
-        if not ops._supports_onednn or current_platform.is_zen_cpu():
-            return None, "no oneDNN GEMMs in this vLLM build"
-        if get_tensor_model_parallel_world_size() != 1:
-            return None, "tensor parallel"
-        modules = dict(model.named_modules())
-        for path, module in modules.items():
-            method = getattr(module, "quant_method", None)
-            if method is not None and not isinstance(method, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)):
-                return None, f"{path} is quantized ({type(method).__name__})"
-        shard = {part: (merged, i) for merged, parts in (getattr(model, "packed_modules_mapping", None) or {}).items()
-                 for i, part in enumerate(parts)}
-        fused: dict[str, _Fused] = {}
-        copies: dict[str, torch.Tensor] = {}
-        for name, src in params.items():
-            prefix, _, leaf = name.rpartition(".")
-            owner, _, last = prefix.rpartition(".")
-            merged, index = shard.get(last, (None, 0))
-            path = (f"{owner}.{merged}" if owner else merged) if merged else prefix
-            module = modules.get(path)
-            if module is None:
-                return None, f"no vLLM module {path!r} for {name}"
-            if isinstance(getattr(module, "quant_method", None), UnquantizedLinearMethod):
-                sizes = list(getattr(module, "output_partition_sizes", ()))
-                if len(sizes) != (len(model.packed_modules_mapping[merged]) if merged else 1):
-                    return None, f"{path} has {len(sizes)} output parts"
-                first, rows = sum(sizes[:index]), sizes[index]
-                if leaf == "bias" and getattr(module, "bias", None) is not None and src.shape == (rows,):
-                    copies[name] = module.bias.data[first : first + rows]
-                    continue
-                width = module.input_size_per_partition
-                if leaf != "weight" or tuple(src.shape) != (rows, width):
-                    return None, f"{name} {tuple(src.shape)} does not fit {path}"
-                if not hasattr(module, "cpu_linear") or module.weight.numel() != 0:
-                    return None, f"{path} keeps its weight unpacked"
-                layer = fused.setdefault(path, _Fused(module, [], (sum(sizes), width), module.params_dtype))
-                layer.parts.append((name, first, rows))
-                continue
-            target = getattr(module, leaf, None)
-            if not isinstance(target, torch.Tensor) or target.dim() != src.dim():
-                return None, f"no vLLM tensor for {name}"
-            rows = src.shape[0] if isinstance(module, VocabParallelEmbedding) else target.shape[0]  # vocab padding
-            if tuple(target.shape[1:]) != tuple(src.shape[1:]) or target.shape[0] < rows or rows != src.shape[0]:
-                return None, f"{name} {tuple(src.shape)} does not fit {path}.{leaf} {tuple(target.shape)}"
-            copies[name] = target.data[:rows]
-        incomplete = [p for p, f in fused.items() if sum(rows for _, _, rows in f.parts) != f.shape[0]]
-        if incomplete:
-            return None, f"{incomplete[0]} misses checkpoint parts"
-        repack, lookups = [], []
-        for path, module in modules.items():
-            weight = getattr(module, "weight", None)
-            if path in fused or not hasattr(module, "cpu_linear") or not isinstance(weight, torch.Tensor):
-                continue
-            storage = weight.untyped_storage().data_ptr()
-            sources = {n for n, t in copies.items() if t.untyped_storage().data_ptr() == storage}
-            if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
-                lookups.append(module)
-            elif sources:
-                repack.append((module, sources))
-            else:
-                return None, f"{path} computes with a weight no checkpoint tensor updates"
-        for module in lookups:
-            # An embedding looks rows up; vLLM packs its weight for a GEMM all the same, a copy nothing computes
-            # with. Pointing that GEMM at the live weight frees the copy and keeps it from ever going stale.
-            module.cpu_linear = torch.nn.functional.linear
-        return cls(fused, copies, repack), ""
-
-    @torch.no_grad()
-    def write(self, params: dict[str, torch.Tensor], changed: list[str]) -> int:
-        """Put the changed tensors (and the rest of each fused layer they belong to) into vLLM; returns how many
-        checkpoint tensors went in."""
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-        changed_set = set(changed)
-        layers = {self.unit[n] for n in changed if n in self.unit}
-        written = 0
-        for path in layers:
-            layer = self.fused[path]
-            key = (layer.shape, layer.dtype)
-            buffer = self._buffers.get(key)
-            if buffer is None:
-                buffer = self._buffers[key] = torch.empty(layer.shape, dtype=layer.dtype)
-            for name, first, rows in layer.parts:
-                buffer[first : first + rows].copy_(params[name])
-            module = layer.module
-            module.cpu_linear = None  # the old packed copy goes first, so the new one can take its memory
-            module.weight = torch.nn.Parameter(buffer, requires_grad=False)
-            dispatch_cpu_unquantized_gemm(module, remove_weight=True)  # packs a copy, drops the weight
-            if module.weight.data_ptr() == buffer.data_ptr():  # vLLM computes from it (a fallback): it keeps it
-                del self._buffers[key]
-            written += len(layer.parts)
-        for name in changed:
-            target = self.copies.get(name)
-            if target is not None:
-                target.copy_(params[name])
-                written += 1
-        for module, sources in self.repack:
-            if sources & changed_set:
-                module.cpu_linear = None
-                dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-        return written
-
-
-def _refresh_tied_layers(worker) -> int:
-    """Re-process layers whose weight belongs to another layer (a tied lm_head); runs inside vLLM's worker.
-
-    `reload_weights` processes only the layers it loaded. A tied lm_head loads nothing (its weight is the
-    embedding's), so on CPU its packed GEMM copy would keep the weights vLLM started with; packing it again from
-    the shared, now updated tensor fixes that. Returns how many layers were re-processed.
-    """
-    model = worker.model_runner.get_model()
-    owner = {id(param): name for name, param in model.named_parameters()}  # a shared tensor: its first name
-    refreshed = 0
-    for prefix, module in model.named_modules():
-        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
-        if method is None or not isinstance(weight, torch.Tensor) or id(weight) not in owner:
-            continue
-        if owner[id(weight)] != f"{prefix}.weight":
-            method.process_weights_after_loading(module)
-            refreshed += 1
-    return refreshed
-
-
-def _vllm_on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()

@@ -118,14 +118,16 @@ def model_source(run: RunRecord) -> Path:
                           f"machine, or after the run has ended (it writes {run.run_dir / 'checkpoint'})") from None
 
 
-def _bf16_digest(model) -> str:
+def _bf16_digest(model, like: str | None = None) -> str:
     import torch
 
     from heterorl.common import codec
     from heterorl.common.weights import weight_tensors
 
     # Trainer.snapshot(): each parameter (tied ones once) cast to bf16, then codec.digest, as loop.publish() does.
-    return codec.digest({name: t.detach().to(torch.bfloat16).contiguous() for name, t in weight_tensors(model).items()})
+    # `like`: a recorded digest, whose algorithm (blake3, or the legacy sha256 of older runs) is used.
+    return codec.digest({name: t.detach().to(torch.bfloat16).contiguous() for name, t in weight_tensors(model).items()},
+                        like=like)
 
 
 def _load_fp32(model_dir: Path):
@@ -167,8 +169,18 @@ def _versions_on_disk(run: RunRecord, final_version: int | None) -> str:
     return ", ".join(f"version {v} ({' and '.join(w)})" for v, w in sorted(where.items())) or "none"
 
 
-def _final_version(run: RunRecord, digest: str) -> int | None:
-    matches = [v for v, d in run.versions.items() if d == digest]
+def _final_version(run: RunRecord, model) -> int | None:
+    """The newest version whose recorded digest the model's bf16 weights hash to (each algorithm computed once)."""
+    from heterorl.common import codec
+
+    computed: dict[str, str] = {}
+    matches = []
+    for v, d in run.versions.items():
+        algorithm = codec.digest_algorithm(d)
+        if algorithm not in computed:
+            computed[algorithm] = _bf16_digest(model, like=d)
+        if computed[algorithm] == d:
+            matches.append(v)
     return max(matches) if matches else None
 
 
@@ -195,7 +207,7 @@ def export(run_dir: Path, out_dir: Path, version: int | None = None) -> dict[str
         # The final checkpoint is needed (asked-for version not in train_state, or possibly newer than it).
         _log(f"loading {run.final_dir} ...")
         model = _load_fp32(run.final_dir)
-        final_version = _final_version(run, _bf16_digest(model))
+        final_version = _final_version(run, model)
         if version is None and final_version is not None and (newest_state is None or
                                                                final_version >= newest_state.version):
             version, origin = final_version, str(run.final_dir)
@@ -218,7 +230,7 @@ def export(run_dir: Path, out_dir: Path, version: int | None = None) -> dict[str
         version, origin = state.version, str(state.path)
 
     recorded = run.versions.get(version)
-    digest = _bf16_digest(model)
+    digest = _bf16_digest(model, like=recorded)
     if digest != recorded:
         raise ExportError(f"the weights in {origin} hash to {digest[:16]}..., but version {version} was published as "
                           f"{(recorded or '?')[:16]}...: the files are not that version's; export another version")
@@ -239,7 +251,7 @@ def export(run_dir: Path, out_dir: Path, version: int | None = None) -> dict[str
         }
         (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         # Read back what was written: the files themselves must hash to the version's digest.
-        reloaded = _bf16_digest(_load_fp32(tmp))
+        reloaded = _bf16_digest(_load_fp32(tmp), like=digest)
         if reloaded != digest:
             raise ExportError(f"the written files hash to {reloaded[:16]}..., not {digest[:16]}...: the model's "
                               f"save_pretrained changed the weights; report this with the model's architecture")
