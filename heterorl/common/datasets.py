@@ -152,7 +152,31 @@ def rows_to_problems(rows: list[dict], where: str, question_column: str = "quest
     return problems
 
 
-class DatasetTask:
+class _SplitTask:
+    """What a task over a fixed list of problems answers through its `FixedSplit` (train stream, held-out split)."""
+
+    _split: FixedSplit
+
+    @property
+    def train_size(self) -> int:
+        return len(self._split.train)
+
+    @property
+    def eval_size(self) -> int:
+        return len(self._split.held_out)
+
+    def train_problem(self, index: int) -> Problem:
+        """Epoch e = index // train_size walks the train split in a seeded permutation of its own."""
+        return self._split.train_problem(index)
+
+    def eval_problems(self, n: int | None = None) -> list[Problem]:
+        return self._split.eval_problems(n)
+
+    def local_reference(self, question: str) -> str | None:
+        return None  # the answers live in the file, on the learner only
+
+
+class DatasetTask(_SplitTask):
     """Problems from a local JSONL / JSON / Parquet file or `save_to_disk` directory (task 'dataset').
 
     Held out: every problem of `eval_path` when given (and removed from train if the train file repeats it),
@@ -180,23 +204,6 @@ class DatasetTask:
                                         **columns)
         self._split = FixedSplit("dataset", str(self.path), problems, self.eval_fraction, self.seed, held_out)
 
-    @property
-    def train_size(self) -> int:
-        return len(self._split.train)
-
-    @property
-    def eval_size(self) -> int:
-        return len(self._split.held_out)
-
-    def train_problem(self, index: int) -> Problem:
-        return self._split.train_problem(index)
-
-    def eval_problems(self, n: int | None = None) -> list[Problem]:
-        return self._split.eval_problems(n)
-
-    def local_reference(self, question: str) -> str | None:
-        return None
-
     def options(self) -> dict[str, object]:
         return {
             "path": str(self.path), "question_column": self.question_column, "answer_column": self.answer_column,
@@ -206,7 +213,7 @@ class DatasetTask:
         }
 
 
-class JsonlTask:
+class JsonlTask(_SplitTask):
     """Questions and answers from a local JSON Lines file: one object per line with 'question' and 'answer'.
 
     An optional 'id' names a problem; otherwise the id is a hash of the question, so it survives reordering.
@@ -226,24 +233,6 @@ class JsonlTask:
         self.seed = int(seed)
         self.default_reward = default_reward
         self._split = FixedSplit("jsonl", str(self.path), _read_jsonl(self.path), self.eval_fraction, self.seed)
-
-    @property
-    def eval_size(self) -> int:
-        return len(self._split.held_out)
-
-    @property
-    def train_size(self) -> int:
-        return len(self._split.train)
-
-    def train_problem(self, index: int) -> Problem:
-        """Epoch e = index // train_size walks the train split in a seeded permutation of its own."""
-        return self._split.train_problem(index)
-
-    def eval_problems(self, n: int | None = None) -> list[Problem]:
-        return self._split.eval_problems(n)
-
-    def local_reference(self, question: str) -> str | None:
-        return None
 
     def options(self) -> dict[str, object]:
         return {
