@@ -9,14 +9,14 @@ conventions: `heterorl_sampler_` prefix, units in names, `_total` on counters.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import tenacity
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from heterorl.common.metrics_endpoint import MetricsEndpoint
 from heterorl.common.contract import Reason
 from heterorl.node.retry import RetryPolicy, is_transient
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
     from heterorl.node.sampler import Sampler
 
-log = logging.getLogger(__name__)
 
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 RETRIED_CALLS = ("connect", "register", "model_files", "lease", "submit", "weights")  # node/client.py's `what`s
@@ -52,7 +51,7 @@ class CountingRetryPolicy(RetryPolicy):
         return controller
 
 
-class SamplerMetrics:
+class SamplerMetrics(MetricsEndpoint):
     def __init__(self, sampler: Sampler):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -91,22 +90,6 @@ class SamplerMetrics:
         self.download_seconds.observe(seconds)
         self.corrupt_chunks.inc(corrupt_chunks)
         self.reconnects.inc(reconnects)
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port in a daemon thread; returns the port. ValueError when it cannot bind."""
-        try:
-            self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise ValueError(f"cannot serve Prometheus metrics on {host}:{port} ({err.strerror or err}): pick "
-                             f"another --metrics-port, or 0 to turn the endpoint off") from None
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, self._http.server_port)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 class _SamplerCounts(Collector):

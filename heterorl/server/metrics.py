@@ -15,10 +15,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from heterorl.common.metrics_endpoint import MetricsEndpoint
 from heterorl.common.contract import Reason
 from heterorl.server.leases import LeaseState
 
@@ -46,7 +47,7 @@ STEP_GAUGES = {
 }
 
 
-class LearnerMetrics:
+class LearnerMetrics(MetricsEndpoint):
     """The learner's Prometheus registry: gauges and histograms set by the loop, counts read at scrape time."""
 
     def __init__(self, learner: Learner):
@@ -115,23 +116,6 @@ class LearnerMetrics:
     def watch_refusals(self, refusals: Refusals) -> None:
         """Expose the gRPC service's learner-wide refusal counts (heterorl/server/ratelimit.py) by reason."""
         self._counts.refusals = refusals
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port in a daemon thread; returns the port. ValueError when it cannot bind."""
-        try:
-            self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise ValueError(f"cannot serve Prometheus metrics on {host}:{port} ({err.strerror or err}): pick "
-                             f"another --metrics-port, or 0 to turn the endpoint off") from None
-        bound = self._http.server_port
-        logger.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
-        return bound
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 class _LearnerCounts(Collector):
