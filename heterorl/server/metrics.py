@@ -10,7 +10,6 @@ weight chunk served. Names follow Prometheus conventions: the `heterorl_` prefix
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import TYPE_CHECKING, Iterator
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from heterorl.server.learner import Learner
     from heterorl.server.ratelimit import Refusals
 
-logger = logging.getLogger(__name__)
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -303,15 +303,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="published version to export (default: the newest on disk); it must be on disk: a "
                         "train-state checkpoint or the final checkpoint/")
     p.set_defaults(func=cmd_export)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="heterorl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -436,15 +436,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: directory names)")
     p.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
     p.set_defaults(func=cmd_compare)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="heterorl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
