@@ -82,8 +82,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         s = fetch_status(args.learner, security=security)
     except grpc.RpcError as err:
-        print(f"heterorl status: learner at {args.learner} did not answer: {err.code().name} {err.details()}",
-              file=sys.stderr)
+        from heterorl.common.hints import learner_call_failed
+
+        print(f"heterorl status: {learner_call_failed(args.learner, err)}", file=sys.stderr)
         return 2
     if args.json:
         from google.protobuf.json_format import MessageToDict
@@ -118,10 +119,13 @@ class Child:
             return ""
 
 
-def _spawn(name: str, argv: list[str], log_path: Path) -> Child:
+def _spawn(name: str, argv: list[str], log_path: Path, nice: int = 0) -> Child:
+    """Start one daemon with its output in `log_path`; `nice` > 0 lowers its CPU priority (all its threads)."""
     log = open(log_path, "w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    lower = (lambda: os.nice(nice)) if nice > 0 else None
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            preexec_fn=lower)
     return Child(name, proc, log_path)
 
 
@@ -185,7 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--seed", str(args.seed * 1000 + i + 1), "--threads", str(args.sampler_threads),
                 "--max-batch", str(args.sampler_batch), "--engine", engine, *log_flags,
             ]
-            children.append(_spawn(f"sampler-{i + 1}", sampler_argv, run_dir / f"sampler-{i + 1}.log"))
+            children.append(_spawn(f"sampler-{i + 1}", sampler_argv, run_dir / f"sampler-{i + 1}.log",
+                                   nice=args.sampler_nice))
         print(f"learner on {target}; {args.samplers} samplers started ({engine} engine). `heterorl status --learner {target}` "
               "shows the same from another shell.", flush=True)
         last_printed, last_step = 0.0, -1
@@ -248,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     from heterorl.common import config as config_lib
     from heterorl.common.logs import FORMATS, LEVELS
     from heterorl.node.config import ClientSecuritySection
+    from heterorl.common.contract import ENGINES
+    from heterorl.node.engine_base import default_engine
 
     parser = argparse.ArgumentParser(prog="heterorl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learner-threads", type=int, default=2)
     p.add_argument("--sampler-threads", type=int, default=1)
     p.add_argument("--sampler-batch", type=int, default=2, help="prompt groups per sampler batch")
-    # The demo's figures in the README were measured with the transformers engine; vLLM samplers are one flag away.
-    p.add_argument("--sampler-engine", default="transformers", choices=("transformers", "vllm"),
-                   help="samplers' generation engine (default: transformers)")
+    p.add_argument("--sampler-engine", default=default_engine(), choices=ENGINES,
+                   help=f"samplers' generation engine (default here: {default_engine()}; vllm wherever it is installed)")
+    # On one machine the samplers share the learner's cores. The learner's step is the demo's bottleneck, and
+    # samplers that keep generating while enough groups wait slow it down; lowered, they use the idle cycles.
+    p.add_argument("--sampler-nice", type=int, default=10, help="CPU niceness of the sampler processes (0 = as the "
+                   "learner; default 10: on shared cores the learner's step goes first)")
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--log-level", default="info", choices=LEVELS, help="log level of the learner and samplers")
     p.add_argument("--log-format", default="text", choices=FORMATS,
