@@ -21,6 +21,7 @@ MAX_MESSAGE_BYTES = 16 << 20  # the largest message either side sends or accepts
 MAX_LEASE_BATCH = 256  # most prompt groups one LeasePrompts call (and one Register's max_batch) may ask for
 MAX_NAME_CHARS = 64  # sampler names, ids, lease ids, device strings
 ENGINES = ("transformers", "vllm")  # generation engines a sampler may register with
+RELAY_ENGINE = "relay"  # what a weight relay (heterorl-relay) registers as: it fetches weights, never leases
 
 # ---- credentials -------------------------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # annotations only: the relay imports this module and needs no torch
+    import torch
 
 # Encodings a WeightChunk may carry. A full anchor rebuilds every tensor; a delta needs `base_version`.
 ENCODING_ANCHOR = "heterorl-codec-anchor-v1"

@@ -15,6 +15,7 @@ from heterorl.common.config import section
 from heterorl.common.contract import MAX_LEASE_BATCH, MAX_NAME_CHARS, TOKEN_ENV
 from heterorl.common.logs import LoggingConfig
 from heterorl.node.engine_base import check_engine, default_engine
+from heterorl.node.engine_factory import check_engine_device
 from heterorl.node.lag import LagPolicy
 from heterorl.node.retry import RetryPolicy
 
@@ -26,7 +27,9 @@ class SamplerSection:
     learner: str = setting("127.0.0.1:50051", "learner address HOST:PORT")
     name: str = setting("", "name shown in `heterorl status` (default: host-pid)")
     engine: str = setting(default_engine(), "generation engine: vllm (the default where it is installed) or transformers")
-    device: str = setting("cpu", "device to generate on")
+    device: str = setting("cpu", "device to generate on: cpu, cuda or cuda:N (the transformers engine runs there; "
+                                 "vLLM picks its GPUs itself: give cuda and CUDA_VISIBLE_DEVICES)")
+    tensor_parallel_size: int = setting(1, "GPUs one vLLM engine spans (vLLM tensor parallelism; engine vllm only)")
     max_batch: int = setting(4, f"prompt groups generated together in one batch (1..{MAX_LEASE_BATCH})")
     threads: int = setting(0, "torch threads (0 = torch default)")
     seed: int = setting(0, "sampling seed")
@@ -37,6 +40,7 @@ class SamplerSection:
         if not self.name:
             self.name = f"{socket.gethostname()}-{os.getpid()}"[:MAX_NAME_CHARS]
         check_engine(self.engine)
+        check_engine_device(self.engine, self.device, self.tensor_parallel_size)
         if not 1 <= self.max_batch <= MAX_LEASE_BATCH:
             raise ValueError(f"max_batch must be in 1..{MAX_LEASE_BATCH}")
         if ":" not in self.learner:
@@ -94,6 +98,31 @@ class ClientSecuritySection:
 
 
 @dataclass
+class WeightSourcesSection:
+    """Relays to download weights from (heterorl/node/relay_sources.py); leases and groups still go to the learner.
+
+    Relays are untrusted: every byte is checked against the learner's own manifest, and the learner's token is
+    never sent to a relay (a relay that wants one gets --relay-token-file)."""
+
+    weights_from: list[str] = setting([], "relay addresses HOST:PORT to download weights from, tried in order before "
+                                          "the learner; several allowed")
+    relay_ban_s: float = setting(60.0, "seconds a relay that sent bad, short or no bytes is skipped")
+    relay_stall_s: float = setting(15.0, "a relay stream that delivers nothing for this many seconds is dropped")
+    relay_token_file: Path | None = setting(None, "file holding the token relays ask for ('token' or 'name:token'); "
+                                                  "never the learner's")
+    relay_tls_ca: Path | None = setting(None, "PEM CA to verify relays' certificates with; turns TLS on for relays")
+
+    def __post_init__(self) -> None:
+        for address in self.weights_from:
+            if ":" not in address:
+                raise ValueError(f"weights_from: a relay address must be HOST:PORT, got {address!r}")
+        if not self.relay_ban_s >= 0:
+            raise ValueError("relay_ban_s must be >= 0")
+        if not self.relay_stall_s > 0:
+            raise ValueError("relay_stall_s must be > 0")
+
+
+@dataclass
 class SamplerReportSection:
     """The sampler's Prometheus endpoint (heterorl/node/metrics.py)."""
 
@@ -111,6 +140,7 @@ class SamplerConfig:
     connection: ConnectionSection = section(ConnectionSection)
     lag: LagSection = section(LagSection)
     security: ClientSecuritySection = section(ClientSecuritySection)
+    relays: WeightSourcesSection = section(WeightSourcesSection)
     report: SamplerReportSection = section(SamplerReportSection)
     logging: LoggingConfig = section(LoggingConfig)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-RETRIED_CALLS = ("connect", "register", "model_files", "lease", "submit", "weights")  # node/client.py's `what`s
+RETRIED_CALLS = ("connect", "register", "model_files", "lease", "submit", "weights", "weights_manifest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,13 @@ class SamplerMetrics(MetricsEndpoint):
                                   "break", registry=r)
         self.retries = Counter("heterorl_sampler_retries_total", "calls to the learner tried again, by call",
                                ["call"], registry=r)
+        self.relay_failures = Counter("heterorl_sampler_relay_failures_total", "weight downloads from a relay "
+                                      "abandoned, by relay and kind (corrupt, wrong_payload, truncated, stalled, "
+                                      "unavailable, ...): the relay is then skipped for --relay-ban-s", ["relay", "kind"],
+                                      registry=r)
+        self.weight_downloads = Counter("heterorl_sampler_weight_downloads_total", "versions downloaded, by the source "
+                                        "that finished the download (a relay's address, or 'learner')", ["source"],
+                                        registry=r)
         for call in RETRIED_CALLS:  # a series per call from the start, so rate() sees the first retry
             self.retries.labels(call)
         r.register(_SamplerCounts(sampler))
@@ -77,6 +84,12 @@ class SamplerMetrics(MetricsEndpoint):
 
     def count_retry(self, what: str) -> None:
         self.retries.labels(what.replace(" ", "_")).inc()
+
+    def relay_failed(self, relay: str, kind: str) -> None:
+        self.relay_failures.labels(relay, kind).inc()
+
+    def downloaded_from(self, source: str) -> None:
+        self.weight_downloads.labels(source).inc()
 
     def generated(self, tokens: int, seconds: float) -> None:
         self.generate_seconds.observe(seconds)

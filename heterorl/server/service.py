@@ -159,6 +159,7 @@ class LearnerService(pb_grpc.LearnerServicer):
             check_max_groups(request.max_groups)
             leases = self.learner.lease(sampler_id, request.max_groups)
         group_size = self.learner.config.train.group_size
+        newest = self.learner.version
         return pb.LeaseReply(
             leases=[
                 pb.PromptLease(lease_id=lease.lease_id, prompt_id=str(lease.prompt_index),
@@ -166,7 +167,9 @@ class LearnerService(pb_grpc.LearnerServicer):
                                group_size=group_size, expires_at_unix=lease.expires_at)
                 for lease in leases
             ],
-            current_version=self.learner.version,
+            current_version=newest,
+            refresh_below_version=self.learner.ingest.scheduler.refresh_below(newest),
+            retry_after_s=0.0 if leases else self.learner.ingest.retry_after(),
         )
 
     def FetchWeights(self, request: pb.FetchWeightsRequest, context):
@@ -196,6 +199,25 @@ class LearnerService(pb_grpc.LearnerServicer):
                 payload_sha256=payload.sha256, weights_sha256=payload.weights_sha256,
             )
 
+    def GetWeightsManifest(self, request: pb.WeightsManifestRequest, context):
+        """The hashes a sampler checks relayed weights against: the same payload FetchWeights would stream."""
+        sampler_id = self._caller(request.sampler_id, context)
+        with self._answering(context, blame=sampler_id):
+            newest = self.learner.version
+            want = request.want_version or newest
+            require(want <= newest, f"want_version {want} is newer than the newest version {newest}",
+                    Reason.WANT_VERSION)
+            try:
+                payload = self.learner.versions.payload(request.have_version, want)
+            except KeyError:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"version {want} is no longer held (held: "
+                              f"{self.learner.versions.held()}); ask for the newest", Reason.VERSION_PRUNED) from None
+        return pb.WeightsManifest(
+            version=payload.version, base_version=payload.base_version, encoding=payload.encoding,
+            total_bytes=len(payload.data), chunk_bytes=self.learner.versions.chunk_bytes,
+            chunk_sha256=payload.chunk_sha256, payload_sha256=payload.sha256, weights_sha256=payload.weights_sha256,
+        )
+
     def SubmitTrajectories(self, request_iterator, context):
         principal = principal_of(context)
         for group in request_iterator:
@@ -203,7 +225,9 @@ class LearnerService(pb_grpc.LearnerServicer):
             try:
                 blame = self._owned_sampler(group.sampler_id, principal)
                 self._rate(self.group_limit, blame, f"groups of sampler {blame}")
-                duplicate = self.learner.submit(self.rules.submission(group, self.learner.version))
+                submission = dataclasses.replace(self.rules.submission(group, self.learner.version),
+                                                 generation_seconds=group.generation_seconds)  # for scheduling
+                duplicate = self.learner.submit(submission)
             except Refused as err:
                 self._abort(context, err, blame, prefix=f"lease {group.lease_id[:64]!r}: ")
             yield pb.SubmitAck(

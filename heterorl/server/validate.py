@@ -12,7 +12,7 @@ import math
 
 import grpc
 
-from heterorl.common.contract import ENGINES, MAX_LEASE_BATCH, MAX_NAME_CHARS, Reason
+from heterorl.common.contract import ENGINES, MAX_LEASE_BATCH, MAX_NAME_CHARS, RELAY_ENGINE, Reason
 from heterorl.server.errors import Refused
 from heterorl.server.ingest import Submission
 from heterorl.v1 import learner_pb2 as pb
@@ -37,7 +37,8 @@ def check_name(value: str, reason: Reason, limit: int = MAX_NAME_CHARS) -> None:
 
 def check_register(request: pb.RegisterRequest) -> None:
     check_name(request.name, Reason.NAME)
-    require(request.engine in ENGINES, f"engine must be one of {ENGINES}, got {request.engine[:32]!r}", Reason.ENGINE)
+    engines = (*ENGINES, RELAY_ENGINE)
+    require(request.engine in engines, f"engine must be one of {engines}, got {request.engine[:32]!r}", Reason.ENGINE)
     check_name(request.device, Reason.DEVICE)
     require(1 <= request.max_batch <= MAX_LEASE_BATCH,
             f"max_batch must be in 1..{MAX_LEASE_BATCH}, got {request.max_batch}", Reason.MAX_BATCH)

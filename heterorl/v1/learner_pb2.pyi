@@ -136,12 +136,16 @@ class PromptLease(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., question: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., group_size: _Optional[int] = ..., expires_at_unix: _Optional[float] = ...) -> None: ...
 
 class LeaseReply(_message.Message):
-    __slots__ = ("leases", "current_version")
+    __slots__ = ("leases", "current_version", "refresh_below_version", "retry_after_s")
     LEASES_FIELD_NUMBER: _ClassVar[int]
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_BELOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[PromptLease]
     current_version: int
-    def __init__(self, leases: _Optional[_Iterable[_Union[PromptLease, _Mapping]]] = ..., current_version: _Optional[int] = ...) -> None: ...
+    refresh_below_version: int
+    retry_after_s: float
+    def __init__(self, leases: _Optional[_Iterable[_Union[PromptLease, _Mapping]]] = ..., current_version: _Optional[int] = ..., refresh_below_version: _Optional[int] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
     __slots__ = ("sampler_id", "have_version", "want_version", "offset")
@@ -176,6 +180,36 @@ class WeightChunk(_message.Message):
     payload_sha256: str
     weights_sha256: str
     def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., encoding: _Optional[str] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_sha256: _Optional[str] = ..., payload_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+
+class WeightsManifestRequest(_message.Message):
+    __slots__ = ("sampler_id", "have_version", "want_version")
+    SAMPLER_ID_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WANT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    sampler_id: str
+    have_version: int
+    want_version: int
+    def __init__(self, sampler_id: _Optional[str] = ..., have_version: _Optional[int] = ..., want_version: _Optional[int] = ...) -> None: ...
+
+class WeightsManifest(_message.Message):
+    __slots__ = ("version", "base_version", "encoding", "total_bytes", "chunk_bytes", "chunk_sha256", "payload_sha256", "weights_sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    base_version: int
+    encoding: str
+    total_bytes: int
+    chunk_bytes: int
+    chunk_sha256: _containers.RepeatedScalarFieldContainer[str]
+    payload_sha256: str
+    weights_sha256: str
+    def __init__(self, version: _Optional[int] = ..., base_version: _Optional[int] = ..., encoding: _Optional[str] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[str]] = ..., payload_sha256: _Optional[str] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "sampler_reward")

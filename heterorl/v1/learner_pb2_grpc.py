@@ -54,6 +54,11 @@ class LearnerStub:
                 request_serializer=heterorl_dot_v1_dot_learner__pb2.FetchWeightsRequest.SerializeToString,
                 response_deserializer=heterorl_dot_v1_dot_learner__pb2.WeightChunk.FromString,
                 _registered_method=True)
+        self.GetWeightsManifest = channel.unary_unary(
+                '/heterorl.v1.Learner/GetWeightsManifest',
+                request_serializer=heterorl_dot_v1_dot_learner__pb2.WeightsManifestRequest.SerializeToString,
+                response_deserializer=heterorl_dot_v1_dot_learner__pb2.WeightsManifest.FromString,
+                _registered_method=True)
         self.SubmitTrajectories = channel.stream_stream(
                 '/heterorl.v1.Learner/SubmitTrajectories',
                 request_serializer=heterorl_dot_v1_dot_learner__pb2.TrajectoryGroup.SerializeToString,
@@ -97,6 +102,15 @@ class LearnerServicer:
 
     def FetchWeights(self, request, context):
         """Streams one version's weights as hashed chunks, resumable from a byte offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWeightsManifest(self, request, context):
+        """The hashes of the payload FetchWeights would send for (have_version, want_version), from the learner itself.
+        A sampler that downloads the bytes from an untrusted relay (heterorl-relay) checks every chunk and the
+        rebuilt weights against this, never against the hashes the relay's WeightChunks carry. Added after 0.1.0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +160,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.FetchWeights,
                     request_deserializer=heterorl_dot_v1_dot_learner__pb2.FetchWeightsRequest.FromString,
                     response_serializer=heterorl_dot_v1_dot_learner__pb2.WeightChunk.SerializeToString,
+            ),
+            'GetWeightsManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWeightsManifest,
+                    request_deserializer=heterorl_dot_v1_dot_learner__pb2.WeightsManifestRequest.FromString,
+                    response_serializer=heterorl_dot_v1_dot_learner__pb2.WeightsManifest.SerializeToString,
             ),
             'SubmitTrajectories': grpc.stream_stream_rpc_method_handler(
                     servicer.SubmitTrajectories,
@@ -271,6 +290,33 @@ class Learner:
             '/heterorl.v1.Learner/FetchWeights',
             heterorl_dot_v1_dot_learner__pb2.FetchWeightsRequest.SerializeToString,
             heterorl_dot_v1_dot_learner__pb2.WeightChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWeightsManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/heterorl.v1.Learner/GetWeightsManifest',
+            heterorl_dot_v1_dot_learner__pb2.WeightsManifestRequest.SerializeToString,
+            heterorl_dot_v1_dot_learner__pb2.WeightsManifest.FromString,
             options,
             channel_credentials,
             insecure,
