@@ -28,9 +28,17 @@ its own (300 ms, 20 Mbit/s) link registers and downloads, alternately, the full 
 few times each after one warm-up download, timing each stream to its last byte and counting the bytes the
 emulator delivered.
 
-    python benchmarks/cluster.py                      # tiny model, ~3 minutes on 2 cores
-    python benchmarks/cluster.py --quick              # the short variant tests/test_cluster.py runs
+    python benchmarks/cluster.py                      # tiny model, both lease policies, ~7 minutes on 2 cores
+    python benchmarks/cluster.py --quick              # the short variant tests/test_cluster.py runs (adaptive only)
+    python benchmarks/cluster.py --policies uniform   # one phase
     python benchmarks/cluster.py --model smollm2-135m  # ~270 MB anchors: the links matter (long)
+
+Lease policies side by side: the whole main phase runs once per `--policies` entry (default uniform, then
+adaptive: heterorl/server/scheduling.py), each with its own learner, samplers and links and the same settings;
+the catch-up runs in the last phase only. A table compares them: p95 staleness (link samplers, and all), leases
+expired (from the run database), the learner's idle fraction, groups per minute (all, and per sampler), and a
+line `RESULT uniform_p95_staleness=... uniform_expired=... uniform_idle_frac=... uniform_groups_min=...
+adaptive_...` precedes the last phase's table.
 
 Ends with `RESULT sync_full_s=... sync_delta_s=... idle_frac=... p95_staleness=...`: the probe's median full and
 10-version-delta sync times on the 20 Mbit/s link, the learner's idle fraction, and the p95 staleness of the
@@ -185,11 +193,22 @@ def tail(path: Path, n: int = 30) -> str:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------------
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    """One phase per lease policy (each its own learner, samplers and links, the same settings); the catch-up
+    measurement in the last phase only. Reports by policy, in the order run."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="heterorl-cluster-"))
+    reports = {}
+    for i, policy in enumerate(args.policies):
+        print(f"cluster: phase {i + 1}/{len(args.policies)}: --lease-policy {policy}", flush=True)
+        reports[policy] = run_phase(args, policy, work / policy if len(args.policies) > 1 else work,
+                                    catchup_wanted=i == len(args.policies) - 1)
+    return reports
+
+
+def run_phase(args: argparse.Namespace, policy: str, work: Path, catchup_wanted: bool) -> dict:
     from heterorl.tools.linkem import LinkSpec
     from heterorl.tools.netns import Cluster
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="heterorl-cluster-"))
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
@@ -218,7 +237,7 @@ def run(args: argparse.Namespace) -> dict:
                         "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr),
                         "--keep-versions", str(args.keep_versions), "--eval-every", "0", "--eval-size",
                         str(args.eval_size), "--threads", str(args.threads), "--max-steps", "0",
-                        "--lease-ttl-s", str(args.lease_ttl_s), "--log-format", "json"]
+                        "--lease-ttl-s", str(args.lease_ttl_s), "--lease-policy", policy, "--log-format", "json"]
         with open(logs / "learner.log", "w") as fh:
             learner = learner_host.popen(learner_argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=REPO)
@@ -306,48 +325,49 @@ def run(args: argparse.Namespace) -> dict:
         drained_at = time.time()
         print(f"cluster: samplers stopped; learner drained to step {count} ({drained_at - t0:.0f}s)", flush=True)
 
-        # -- catch-up: a probe on its own slow link fetches full snapshot vs 10-version combined delta
-        probe_spec = LinkSpec(delay_ms=LAGGER_LINK[0], rate_mbit=LAGGER_LINK[1], seed=99)
-        emu = hosts["probe"].emulate_link(upstream, probe_spec, name="probe")  # in this process: exact counters
-        probe = hosts["probe"].popen([py, str(Path(__file__).resolve()), "--probe", emu.target, "--probe-name",
-                                      "probe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**env, "HETERORL_TOKEN": tokens["probe"]}, cwd=REPO)
-        catchup = {"full": [], "delta": [], "errors": []}
-        try:
-            ready = json.loads(probe.stdout.readline() or "{}")
-            if ready.get("event") != "ready":
-                raise RuntimeError(f"the probe did not register: {ready} {probe.stderr.read()[-2000:]}")
-            want = ready["version"]
-            have = want - args.lag
-            if have < 1:
-                raise RuntimeError(f"only {want} versions published; the catch-up needs more than {args.lag}")
-            order = [("warm-up", want - 1)]  # the delta every sampler fetched already: warms the probe's stream path
-            for _ in range(args.repeats):
-                order += [("delta", have), ("full", 0)]
-            for kind, base in order:
-                before = (emu.bytes_down, emu.bytes_up)
-                probe.stdin.write(json.dumps({"have": base, "want": want}) + "\n")
-                probe.stdin.flush()
-                reply = json.loads(probe.stdout.readline() or "{}")
-                if reply.get("event") != "fetched":
-                    catchup["errors"].append(reply)
-                    continue
-                time.sleep(0.05)
-                reply["wire_down"] = emu.bytes_down - before[0]
-                reply["wire_up"] = emu.bytes_up - before[1]
-                reply["kind"] = kind
-                catchup.setdefault(kind, []).append(reply)
-                print(f"cluster: catch-up {kind:<5} v{base}->v{want}: {reply['seconds']:.3f}s, "
-                      f"{reply['bytes'] / 2**20:.3f} MiB payload ({reply['encoding']} from v{reply['base_version']}), "
-                      f"{reply['wire_down'] / 2**20:.3f} MiB on the wire", flush=True)
-            catchup.update(version=want, base=have)
-        finally:
+        catchup: dict = {"full": [], "delta": [], "errors": []}
+        if catchup_wanted:
+            # -- catch-up: a probe on its own slow link fetches full snapshot vs 10-version combined delta
+            probe_spec = LinkSpec(delay_ms=LAGGER_LINK[0], rate_mbit=LAGGER_LINK[1], seed=99)
+            emu = hosts["probe"].emulate_link(upstream, probe_spec, name="probe")  # in this process: exact counters
+            probe = hosts["probe"].popen([py, str(Path(__file__).resolve()), "--probe", emu.target, "--probe-name",
+                                          "probe"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env={**env, "HETERORL_TOKEN": tokens["probe"]}, cwd=REPO)
             try:
-                probe.stdin.close()
-                probe.wait(timeout=20)
-            except (subprocess.TimeoutExpired, OSError):
-                probe.kill()
-        emu.stop()
+                ready = json.loads(probe.stdout.readline() or "{}")
+                if ready.get("event") != "ready":
+                    raise RuntimeError(f"the probe did not register: {ready} {probe.stderr.read()[-2000:]}")
+                want = ready["version"]
+                have = want - args.lag
+                if have < 1:
+                    raise RuntimeError(f"only {want} versions published; the catch-up needs more than {args.lag}")
+                order = [("warm-up", want - 1)]  # the delta every sampler fetched already: warms the probe's stream path
+                for _ in range(args.repeats):
+                    order += [("delta", have), ("full", 0)]
+                for kind, base in order:
+                    before = (emu.bytes_down, emu.bytes_up)
+                    probe.stdin.write(json.dumps({"have": base, "want": want}) + "\n")
+                    probe.stdin.flush()
+                    reply = json.loads(probe.stdout.readline() or "{}")
+                    if reply.get("event") != "fetched":
+                        catchup["errors"].append(reply)
+                        continue
+                    time.sleep(0.05)
+                    reply["wire_down"] = emu.bytes_down - before[0]
+                    reply["wire_up"] = emu.bytes_up - before[1]
+                    reply["kind"] = kind
+                    catchup.setdefault(kind, []).append(reply)
+                    print(f"cluster: catch-up {kind:<5} v{base}->v{want}: {reply['seconds']:.3f}s, "
+                          f"{reply['bytes'] / 2**20:.3f} MiB payload ({reply['encoding']} from v{reply['base_version']}), "
+                          f"{reply['wire_down'] / 2**20:.3f} MiB on the wire", flush=True)
+                catchup.update(version=want, base=have)
+            finally:
+                try:
+                    probe.stdin.close()
+                    probe.wait(timeout=20)
+                except (subprocess.TimeoutExpired, OSError):
+                    probe.kill()
+            emu.stop()
 
         learner.send_signal(signal.SIGTERM)
         try:
@@ -360,7 +380,28 @@ def run(args: argparse.Namespace) -> dict:
     report = analyse(run_dir, logs, link_stats, catchup, stop_at, drained_at, args)
     report["wall_s"] = time.time() - t0
     report["work_dir"] = str(work)
+    report["policy"] = policy
+    report.update(lease_outcomes(run_dir, report))
     return report
+
+
+def lease_outcomes(run_dir: Path, report: dict) -> dict:
+    """Expired leases (all, and per sampler by name) from the run database, and groups per minute over all
+    samplers; read after the learner stopped."""
+    import sqlite3
+
+    ids = {r["sampler_id"]: name for name, r in report["rows"].items() if r["sampler_id"]}
+    con = sqlite3.connect(f"file:{run_dir / 'run.db'}?mode=ro", uri=True)
+    try:
+        per = dict(con.execute("SELECT sampler_id, COUNT(*) FROM leases WHERE state IN ('expired', 'released') "
+                               "GROUP BY sampler_id").fetchall())
+        issued = dict(con.execute("SELECT sampler_id, COUNT(*) FROM leases GROUP BY sampler_id").fetchall())
+    finally:
+        con.close()
+    rows = report["rows"].values()
+    return {"leases_expired": sum(per.values()), "leases_issued": sum(issued.values()),
+            "expired_by_sampler": {ids.get(sid, sid[:10]): n for sid, n in per.items()},
+            "groups_per_min": sum(r["groups_per_min"] for r in rows if not math.isnan(r["groups_per_min"]))}
 
 
 # -- analysis ----------------------------------------------------------------------------------------------------------
@@ -518,6 +559,32 @@ def print_report(rep: dict) -> None:
           f"idle_frac={fmt(rep['idle_frac'], '.3f')} p95_staleness={fmt(rep['p95_staleness'], '.1f')}", flush=True)
 
 
+def print_comparison(reports: dict[str, dict]) -> None:
+    """Uniform against adaptive leases on the same links: staleness, expired leases, idle learner, throughput."""
+    print()
+    print("lease policies side by side (each phase its own learner and samplers, same links and settings):")
+    names = [*LINKS, "lagger"]
+    head = (f"{'policy':<9} {'steps':>5} {'p95 stale':>9} {'p95 all':>7} {'expired/issued':>14} {'idle':>5} "
+            f"{'grp/min':>7}  " + " ".join(f"{n + ' g/min (p95)':>17}" for n in names))
+    print(head)
+    print("-" * len(head))
+    for policy, rep in reports.items():
+        cells = " ".join(f"{fmt(rep['rows'][n]['groups_per_min'], '.0f') + ' (' + fmt(rep['rows'][n]['stale_p95'], '.0f') + ')':>17}"
+                         for n in names)
+        print(f"{policy:<9} {rep['steps']:>5} {fmt(rep['p95_staleness'], '.1f'):>9} {fmt(rep['p95_staleness_all'], '.1f'):>7} "
+              f"{str(rep['leases_expired']) + '/' + str(rep['leases_issued']):>14} "
+              f"{fmt(rep['idle_frac'] * 100, '.0f') + '%':>5} {fmt(rep['groups_per_min'], '.0f'):>7}  {cells}")
+    for policy, rep in reports.items():
+        if rep["expired_by_sampler"]:
+            print(f"{policy}: expired leases by sampler {rep['expired_by_sampler']}")
+    keys = []
+    for policy, rep in reports.items():
+        keys += [f"{policy}_p95_staleness={fmt(rep['p95_staleness'], '.1f')}", f"{policy}_expired={rep['leases_expired']}",
+                 f"{policy}_idle_frac={fmt(rep['idle_frac'], '.3f')}", f"{policy}_groups_min={fmt(rep['groups_per_min'], '.1f')}"]
+    print("RESULT " + " ".join(keys), flush=True)
+    print()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="tiny | smollm2-135m | a local HF model directory")
@@ -527,7 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--groups-per-step", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--max-batch", type=int, default=2, help="groups each sampler generates at once")
+    p.add_argument("--max-batch", type=int, default=4, help="groups each sampler asks for and generates at once "
+                   "(4 samplers x 4 > the in-flight window of 3 x B = 12: the policies differ in who gets it)")
+    p.add_argument("--policies", default=None, help="lease policies to run, one phase each, side by side "
+                   "(default 'uniform,adaptive'; --quick: 'adaptive')")
     p.add_argument("--lr", type=float, default=None, help="default 2e-5 (tiny), 4e-6 (others)")
     p.add_argument("--lag", type=int, default=10, help="versions the lagging sampler and the catch-up probe miss")
     p.add_argument("--keep-versions", type=int, default=None,
@@ -557,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIP cluster benchmark: network namespaces are not available here: {why}", flush=True)
         return 0
     tiny = args.model == "tiny"
+    args.policies = (args.policies or ("adaptive" if args.quick else "uniform,adaptive")).split(",")
+    if not set(args.policies) <= {"uniform", "adaptive"}:
+        print(f"--policies: unknown policy in {args.policies}; choose from uniform, adaptive", flush=True)
+        return 2
     if args.steps is None:
         args.steps = 40 if args.quick else (200 if tiny else args.lag + 4)
     if args.lr is None:
@@ -567,12 +641,15 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 3 if tiny else 1
     if args.timeout is None:
         args.timeout = 600.0 if tiny else 3600.0
-    report = run(args)
-    print_report(report)
+    reports = run(args)
+    if len(reports) > 1:
+        print_comparison(reports)
+    print_report(reports[args.policies[-1]])
     if args.json:
-        slim = json.loads(json.dumps(report, default=str))
-        for r in slim["rows"].values():
-            r.pop("staleness", None)
+        slim = json.loads(json.dumps(reports, default=str))
+        for rep in slim.values():
+            for r in rep["rows"].values():
+                r.pop("staleness", None)
         Path(args.json).write_text(json.dumps(slim, indent=1))
     return 0
 

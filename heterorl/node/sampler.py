@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from heterorl.common.contract import Reason, refusal_reason
+from heterorl.common.hints import learner_call_failed
 from heterorl.common.model import cache_root
 from heterorl.common.tasks import RewardFn, Task, builtin_reward, make_task
 from heterorl.common.weights import WeightsCorrupt
@@ -35,6 +37,7 @@ from heterorl.node.config import SamplerConfig
 from heterorl.node.engine_base import Engine, SamplingSettings, UnsupportedRun, weights_dtype
 from heterorl.node.engine_factory import create_engine
 from heterorl.node.metrics import CountingRetryPolicy, SamplerMetrics
+from heterorl.node.relay_sources import WeightSources
 from heterorl.v1 import learner_pb2 as pb
 
 __all__ = ["CLIENT_VERSION", "Sampler", "SamplerConfig", "SamplerStats", "UnsupportedRun"]
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 CLIENT_VERSION = "heterorl-0.1.0"
 # The learner does not know this sampler id (it restarted without it), or knows it under another credential.
 REREGISTER_REASONS = frozenset({Reason.UNKNOWN_SAMPLER, Reason.NOT_OWNER})
+RETRY_AFTER_MAX_S = 30.0  # the longest LeaseReply.retry_after_s honoured
 
 
 @dataclass
@@ -53,6 +57,7 @@ class SamplerStats:
     refusals: dict[str, int] = field(default_factory=collections.Counter)
     leases_too_long: int = 0  # leased prompts over the run's max_prompt_tokens: not generated
     versions_loaded: int = 0
+    refresh_hints: int = 0  # refreshes the learner asked for in a lease reply (LeaseReply.refresh_below_version)
     weight_bytes: int = 0
     tokens_generated: int = 0
     generate_seconds: float = 0.0
@@ -126,6 +131,15 @@ class Sampler:
         retry = CountingRetryPolicy(**dataclasses.asdict(config.connection.retry_policy()),
                                     on_retry=lambda what: self.metrics.count_retry(what))
         self.client = LearnerClient(config.sampler.learner, retry, stop=stop, security=security)
+        relays = config.relays
+        # Relays never see the learner's token: their own, if any (and no HETERORL_TOKEN fallback).
+        self.sources = WeightSources(
+            self.client, relays.weights_from,
+            security=ClientSecurity.load(relays.relay_token_file, relays.relay_tls_ca, env={}),
+            ban_s=relays.relay_ban_s, stall_s=relays.relay_stall_s,
+            on_failure=lambda relay, kind: self.metrics.relay_failed(relay, kind),
+            on_success=lambda source: self.metrics.downloaded_from(source),
+        ) if relays.weights_from else None
         self.stats = SamplerStats()
         self.session: _Session | None = None
         self.previous: _Session | None = None  # the session before a re-registration: its engine may be reused
@@ -158,7 +172,8 @@ class Sampler:
         else:
             if old is not None:
                 old.engine.close()  # another model: free the old engine first (two vLLM engines cannot share a process)
-            engine = create_engine(settings.engine, model_dir, seed=settings.seed, weights_dtype=dtype)
+            engine = create_engine(settings.engine, model_dir, seed=settings.seed, weights_dtype=dtype,
+                                   device=settings.device, tensor_parallel_size=settings.tensor_parallel_size)
         if old is not None and old.run.run_id != run.run_id:
             engine.version = 0
         # Groups stamped with another id (another run, or a registration the learner forgot) cannot be accepted.
@@ -186,7 +201,11 @@ class Sampler:
         engine = session.engine
         started = time.perf_counter()
         held, behind, held_s = engine.version, self.latest_version - engine.version, time.monotonic() - self.held_since
-        got = self.client.fetch_weights(session.sampler_id, have_version=engine.version)
+        if self.sources is not None:  # relays first, every byte checked against the learner's manifest
+            got = self.sources.fetch(session.sampler_id, have_version=engine.version)
+        else:
+            got = self.client.fetch_weights(session.sampler_id, have_version=engine.version)
+            self.metrics.downloaded_from("learner")
         engine.load_weights(got.encoding, got.payload, got.version, got.base_version, got.weights_sha256)
         self.stats.versions_loaded += 1
         self.stats.weight_bytes += got.bytes_received
@@ -319,11 +338,28 @@ class Sampler:
         self._note_version(reply.current_version)
         leases = self._fitting(session, list(reply.leases))
         if not leases:
-            if not reply.leases:
-                self.stop.wait(0.5)  # the learner has enough work in flight; ask again shortly
+            if not reply.leases:  # the learner has enough work in flight; ask again when it says (else shortly)
+                wait = min(RETRY_AFTER_MAX_S, reply.retry_after_s) if reply.retry_after_s > 0 else 0.5
+                self.stop.wait(wait * random.uniform(0.8, 1.2))  # jittered: idle samplers do not poll in step
             return
+        if self._refresh_hinted(session, reply.refresh_below_version):
+            self._sync_weights(session)  # the leases' expiry allows for it (heterorl/server/scheduling.py)
         self.outbox.extend(self._generate(session, leases))
         self._flush(session)
+
+    def _refresh_hinted(self, session: _Session, refresh_below: int) -> bool:
+        """The learner's scheduling hint: this sampler's version is too far behind for the leases just taken.
+        A deliberate lag (--lag-versions/--lag-seconds, an experiment) wins over the hint."""
+        held = session.engine.version
+        if not refresh_below or held >= refresh_below:
+            return False
+        if self.lag.active:
+            log.debug("learner asks for a version >= %d before generating; lagging on purpose at v%d", refresh_below,
+                      held)
+            return False
+        self.stats.refresh_hints += 1
+        log.info("learner asks for a version >= %d before generating (holding v%d); refreshing", refresh_below, held)
+        return True
 
     def _loop(self) -> None:
         stop = self.stop
@@ -340,7 +376,8 @@ class Sampler:
                     log.info("the learner does not know this sampler (it restarted?); registering again")
                     self._drop_session()
                 elif is_transient(err):  # the retry policy gave up
-                    log.error("learner unreachable for %.0fs; giving up", self.config.connection.give_up_s)
+                    log.error("learner unreachable for %.0fs; giving up: %s", self.config.connection.give_up_s,
+                              learner_call_failed(self.config.sampler.learner, err))
                     return
                 else:
                     raise
@@ -363,6 +400,8 @@ class Sampler:
             self.stop.set()
             beat.join(timeout=1)
             self.client.close()
+            if self.sources is not None:
+                self.sources.close()
             self.metrics.close()
             last = self.session or self.previous
             if last is not None:

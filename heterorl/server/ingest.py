@@ -21,6 +21,7 @@ from heterorl.server.errors import Refused
 from heterorl.server.leases import Lease, LeaseBook
 from heterorl.server.registry import Registry
 from heterorl.server.rewards import Scorer
+from heterorl.server.scheduling import Scheduler, SchedulingConfig
 from heterorl.server.store import StoredCompletion, StoredGroup, TrajectoryStore
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Submission:
     lease_id: str
     policy_version: int
     completions: list[tuple[list[int], list[float], int, float | None]]  # tokens, logprobs, finish, claimed reward
+    generation_seconds: float = 0.0  # what the sampler says generating its batch took (scheduling only)
 
 
 def committed(ticket: Ticket | None) -> None:
@@ -51,7 +53,8 @@ def committed(ticket: Ticket | None) -> None:
 class Ingest:
     def __init__(self, lock: threading.Lock, groups_ready: threading.Condition, registry: Registry,
                  book: LeaseBook, store: TrajectoryStore, scorer: Scorer, decode: Callable[[list[int]], str],
-                 inflight_limit: int):
+                 inflight_limit: int, scheduler: Scheduler | None = None,
+                 newest: Callable[[], int] | None = None):
         self.lock = lock
         self.groups_ready = groups_ready
         self.registry = registry
@@ -61,18 +64,32 @@ class Ingest:
         self.decode = decode
         self.inflight_limit = inflight_limit
         self.accepting: dict[str, Ticket] = {}  # lease id -> commit of its group, until that commit is waited for
+        # How many leases each call gets, and for how long (scheduling.py); uniform unless told otherwise.
+        self.scheduler = scheduler or Scheduler(SchedulingConfig(policy="uniform", ttl_s=book.ttl_s,
+                                                                 window=inflight_limit))
+        self.newest = newest
+        book.on_expire = lambda lease: self.scheduler.expired(lease.sampler_id)
 
     def lease(self, sampler_id: str, max_groups: int) -> list[Lease]:
         """Up to max_groups new leases, fewer when enough work is already in flight (flow control)."""
         with self.lock:
             record = self.registry.touch(sampler_id)
-            self.book.expire_overdue(time.time())
+            now = time.time()
+            self.book.expire_overdue(now)
+            if self.newest is not None:
+                self.scheduler.observe_version(self.newest(), now)
             room = self.inflight_limit - self.book.outstanding() - len(self.store)
-            n = max(0, min(max_groups, record.max_batch, room))
-            leases, ticket = self.book.issue(sampler_id, n, time.time()) if n else ([], None)
+            plan = self.scheduler.plan(sampler_id, max_groups, record.max_batch, room, self.book.held(sampler_id),
+                                       now)
+            leases, ticket = self.book.issue(sampler_id, plan.n, now, plan.ttl_s) if plan.n else ([], None)
             record.groups_leased += len(leases)
         committed(ticket)  # a lease reaches its sampler only once committed
         return leases
+
+    def retry_after(self) -> float:
+        """LeaseReply.retry_after_s for a reply without leases (scheduling.py; 0 = no hint)."""
+        with self.lock:
+            return self.scheduler.retry_after(time.time())
 
     def submit(self, submission: Submission) -> bool:
         """Store a validated group; True if it duplicates an acknowledged one. Returns once the group is committed
@@ -100,6 +117,8 @@ class Ingest:
                 )
                 # Queued under the lock, so it commits before the step that trains the group is recorded.
                 ticket = self.accepting[lease_id] = self.book.accept(lease, group)
+                self.scheduler.returned(sid, lease.issued_at, lease.batch, group.accepted_at,
+                                        submission.generation_seconds)
                 self.store.add(group)
                 record.groups_accepted += 1
                 record.version = max(record.version, submission.policy_version)

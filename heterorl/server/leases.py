@@ -75,6 +75,7 @@ class Lease:
     expires_at: float
     state: LeaseState = LeaseState.OUTSTANDING
     reissue_of: str | None = None  # the expired lease whose prompt this one took over
+    batch: int = 1  # leases issued with it in one LeasePrompts reply (scheduling.py measures per batch)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class LeaseBook:
         self._expiry: list[tuple[float, int, str]] = []  # (expires_at, serial, lease id) of outstanding leases
         self._requeued: deque[str] = deque()  # expired leases in expiry order; skipped once no longer expired
         self._counts = {state: 0 for state in LeaseState}  # every lease of the run, by state
+        self._held: dict[str, int] = {}  # outstanding leases per sampler
+        self.on_expire: Callable[[Lease], None] | None = None  # told of every lease that expires (scheduling)
 
     # ---- views -------------------------------------------------------------------------------------------------
 
@@ -132,6 +135,10 @@ class LeaseBook:
 
     def outstanding(self) -> int:
         return self._counts[LeaseState.OUTSTANDING]
+
+    def held(self, sampler_id: str) -> int:
+        """Outstanding leases of one sampler."""
+        return self._held.get(sampler_id, 0)
 
     def get(self, lease_id: str) -> Lease | None:
         """A live lease (outstanding, expired or accepted); None if finished or unknown."""
@@ -145,6 +152,8 @@ class LeaseBook:
     def _move(self, lease: Lease, state: LeaseState) -> None:
         self._counts[lease.state] -= 1
         self._counts[state] += 1
+        if lease.state is LeaseState.OUTSTANDING:
+            self._unhold(lease.sampler_id)
         lease.state = state
         if state not in LIVE_STATES:
             del self._live[lease.lease_id]
@@ -159,12 +168,16 @@ class LeaseBook:
                 self._move(lease, LeaseState.EXPIRED)
                 self._requeued.append(lease_id)
                 expired.append(lease_id)
+                if self.on_expire is not None:
+                    self.on_expire(lease)
         if expired:
             self.journal.expire_leases(expired)  # nobody waits: the next commit takes it along
         return len(expired)
 
-    def issue(self, sampler_id: str, n: int, now: float) -> tuple[list[Lease], Ticket | None]:
-        """Lease up to n prompts: first those whose leases expired, then fresh ones from the task."""
+    def issue(self, sampler_id: str, n: int, now: float, ttl_s: float | None = None) -> tuple[list[Lease], Ticket | None]:
+        """Lease up to n prompts, each for `ttl_s` (default: the book's): first those whose leases expired, then
+        fresh ones from the task."""
+        ttl_s = self.ttl_s if ttl_s is None else ttl_s
         self.expire_overdue(now)
         issued: list[Lease] = []
         released: list[str] = []
@@ -179,8 +192,8 @@ class LeaseBook:
             serial = next(self._serial)
             lease = Lease(
                 lease_id=f"L{serial}-{uuid.uuid4().hex[:12]}", serial=serial, prompt_index=index, problem=problem,
-                prompt_token_ids=tokens, sampler_id=sampler_id, issued_at=now, expires_at=now + self.ttl_s,
-                reissue_of=old.lease_id if old is not None else None,
+                prompt_token_ids=tokens, sampler_id=sampler_id, issued_at=now, expires_at=now + ttl_s,
+                reissue_of=old.lease_id if old is not None else None, batch=n,
             )
             self._add(lease)
             issued.append(lease)
@@ -213,6 +226,7 @@ class LeaseBook:
         self._counts[lease.state] += 1
         if lease.state is LeaseState.OUTSTANDING:
             heapq.heappush(self._expiry, (lease.expires_at, lease.serial, lease.lease_id))
+            self._held[lease.sampler_id] = self._held.get(lease.sampler_id, 0) + 1
         elif lease.state is LeaseState.EXPIRED:
             self._requeued.append(lease.lease_id)
 
@@ -256,6 +270,13 @@ class LeaseBook:
         for lease_id in lease_ids:
             self._move(self._live[lease_id], state)
         return self.journal.finish_leases(list(lease_ids), state, step) if lease_ids else None
+
+    def _unhold(self, sampler_id: str) -> None:
+        left = self._held[sampler_id] - 1
+        if left:
+            self._held[sampler_id] = left
+        else:
+            del self._held[sampler_id]
 
     def _compact(self) -> None:
         """Drop heap entries of leases no longer outstanding once they outnumber the outstanding ones."""
