@@ -82,7 +82,11 @@ def test_prometheus_config_scrapes_the_compose_services():
     assert learner["metrics-host"] == sampler["metrics-host"] == "0.0.0.0"  # reachable from the prometheus container
     assert jobs["heterorl-learner"]["static_configs"][0]["targets"] == [f"learner:{learner['metrics-port']}"]
     (dns,) = jobs["heterorl-sampler"]["dns_sd_configs"]
-    assert dns["names"] == ["sampler"] and dns["port"] == int(sampler["metrics-port"])  # every replica
+    gpu_sampler, relay = _compose_flags("sampler-gpu"), _compose_flags("relay")
+    assert gpu_sampler["metrics-port"] == sampler["metrics-port"]  # one DNS job finds both kinds of sampler
+    assert dns["names"] == ["sampler", "sampler-gpu"] and dns["port"] == int(sampler["metrics-port"])  # every replica
+    assert relay["metrics-host"] == "0.0.0.0"
+    assert jobs["heterorl-relay"]["static_configs"][0]["targets"] == [f"relay:{relay['metrics-port']}"]
 
 
 def test_promql_name_extraction():
