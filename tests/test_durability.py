@@ -331,7 +331,7 @@ def test_a_damaged_checkpoint_is_refused_not_loaded(tmp_path):
     train_steps(learner, 1)
     path = learner.write_train_state()
     crash(learner)
-    weights = path / "model.safetensors"
+    weights = next((path / ckpt.DCP_DIR).glob("*.distcp"))  # a data file of the distributed checkpoint
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))
@@ -357,10 +357,10 @@ def test_sigterm_style_stop_leaves_a_recorded_checkpoint_of_the_last_step(tmp_pa
     assert not runner.is_alive()
     learner.close()
     ((step, path),) = read_only_query(run_dir, "SELECT step, path FROM checkpoints")
-    assert step == 3 and (run_dir / path / "model.safetensors").exists()
+    assert step == 3 and (run_dir / path / ckpt.DCP_DIR / ".metadata").exists()
     assert (run_dir / "checkpoint" / "model.safetensors").exists()  # the Hugging Face directory stays
     final = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
-    saved = load_file(str(run_dir / path / "model.safetensors"))
+    saved = ckpt.read_weights(run_dir / path)
     assert all(torch.equal(final[k], saved[k]) for k in final if k in saved)
     # The groups of trained steps left the database with that checkpoint; the leases stay as the record.
     assert read_only_query(run_dir, "SELECT COUNT(*) FROM groups") == [(0,)]

@@ -29,7 +29,7 @@ from heterorl.common.model import resolve_model
 from heterorl.common.weights import WeightsCorrupt
 from heterorl.node.client import LearnerClient, RetryPolicy, Stopped, is_transient
 from heterorl.node.engine import SamplingSettings, TransformersEngine
-from heterorl.server.checkpoint import TRAIN_STATE_DIR
+from heterorl.server.checkpoint import TRAIN_STATE_DIR, read_weights
 from heterorl.server.db import read_only_query
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
@@ -252,7 +252,8 @@ def kill_in_weight_stream(proc, target: str, sampler_id: str) -> tuple[int, int]
 
 
 def bf16_of(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
+    """The bf16 cast of a train-state checkpoint's fp32 weights."""
+    return {k: v.to(torch.bfloat16) for k, v in read_weights(path).items()}
 
 
 def served_weights_equal(client: LearnerClient, sampler_id: str, version: int, engine: TransformersEngine,
@@ -403,7 +404,7 @@ def run_learner_kills(processes: Processes, run_dir: Path, model_dir: Path, mode
             killed_step = max((r["step"] for r in train_records(run_dir)), default=0)
             ckpt = committed_checkpoint(run_dir)
             # Read now: the resumed learner soon writes a newer checkpoint and deletes this one.
-            ckpt_weights = bf16_of(ckpt[2] / "model.safetensors") if ckpt else None
+            ckpt_weights = bf16_of(ckpt[2]) if ckpt else None
             pending_before = {l for l, s in lease_states(run_dir).items() if s == "accepted"}
             learner, target, info = start_learner(processes, run_dir, f"learner-{i + 1}", resume=run_dir, port=port,
                                                   **common)
@@ -459,7 +460,7 @@ def run_learner_kills(processes: Processes, run_dir: Path, model_dir: Path, mode
                                   **{**common, "max_steps": ckpt[0]})
     learner.wait(timeout=120)
     assert learner.returncode == 0, learner.log_path.read_text()[-3000:]
-    saved = load_file(str(ckpt[2] / "model.safetensors"))
+    saved = read_weights(ckpt[2])
     final = load_file(str(run_dir / "checkpoint" / "model.safetensors"))
     common_names = [k for k in final if k in saved]
     assert common_names and all(torch.equal(final[k], saved[k]) for k in common_names), "fp32 weights differ"

@@ -7,6 +7,8 @@ generation early (a stopping criterion), so a batch does not run every row to ma
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,16 +39,36 @@ class _StopStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def sampler_device(spec: str, cuda_available: bool | None = None) -> torch.device:
+    """The torch device of `--device` (cpu, cuda, cuda:N); a GPU this host does not have is an error by name."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", spec):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {spec!r}")
+    has_cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not has_cuda:
+        raise ValueError(f"--device {spec}: torch sees no CUDA device on this host (use --device cpu)")
+    if ":" in spec and cuda_available is None and int(spec.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: this host has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(spec)
+
+
 class TransformersEngine(EngineBase):
     name = ENGINE_TRANSFORMERS
 
-    def __init__(self, model_dir: Path, seed: int = 0, weights_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model_dir: Path, seed: int = 0, weights_dtype: torch.dtype = torch.bfloat16,
+                 device: str = "cpu"):
+        """`device`: cpu, cuda or cuda:N. Updates are applied and verified in the CPU copy (`params`, what the codec
+        writes into and the digest reads), then copied to the device model that generates."""
         super().__init__(load_tokenizer(model_dir), weights_dtype)
+        self.device = sampler_device(device)
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         with torch.device("cpu"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        self.model.eval()
-        self.params = weight_tensors(self.model)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.eval()
+        self.params = weight_tensors(model)
+        self.model = model if self.device.type == "cpu" else copy.deepcopy(model).to(self.device)
+        self._device_params = weight_tensors(self.model)
         self.generator_seed = seed
         torch.manual_seed(seed)
 
@@ -60,7 +82,12 @@ class TransformersEngine(EngineBase):
         """Apply a verified payload in place; the engine refuses to run unless the result hashes right."""
         self._begin_update(encoding, version, base_version, weights_sha256)
         self._apply_payload(payload, self.params, version)
-        self._verified(self._digest(self.params, weights_sha256), weights_sha256, version)
+        digest = self._digest(self.params, weights_sha256)
+        if digest == weights_sha256 and self.device.type != "cpu":  # only verified weights reach the device
+            for name, tensor in self._device_params.items():
+                tensor.copy_(self.params[name], non_blocking=True)
+            torch.cuda.synchronize(self.device)
+        self._verified(digest, weights_sha256, version)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], group_size: int, sampling: SamplingSettings) -> list[list[GeneratedCompletion]]:
@@ -68,6 +95,7 @@ class TransformersEngine(EngineBase):
         if self.version == 0:
             raise RuntimeError("no verified weights loaded")
         ids, attention = left_pad([p for p in prompts for _ in range(group_size)], self.pad_id)
+        ids, attention = ids.to(self.device), attention.to(self.device)
         width = ids.shape[1]
         generation = GenerationConfig(
             do_sample=True,

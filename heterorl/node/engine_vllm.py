@@ -72,6 +72,7 @@ class VLLMOptions:
     max_model_len: int = 4096  # capped at the model's own limit
     max_num_seqs: int = 256  # sequences decoded together; many groups at once is where vLLM earns its speed
     enforce_eager: bool = True  # skip torch.compile: starts in seconds; compiled decode is not faster here
+    tensor_parallel_size: int = 1  # GPUs one engine spans (vLLM starts a worker process per GPU)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -82,6 +83,8 @@ class VLLMOptions:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len < 16 or self.max_num_seqs < 1:
             raise ValueError("max_model_len must be >= 16 and max_num_seqs >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ class VLLMEngine(EngineBase):
             model=str(model_dir), tokenizer=str(model_dir), load_format="dummy", dtype=dtype, seed=seed,
             max_model_len=min(limit, opts.max_model_len), max_num_seqs=opts.max_num_seqs,
             enforce_eager=opts.enforce_eager, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-            **memory,
+            tensor_parallel_size=opts.tensor_parallel_size, **memory,
         )
         self.dtype = dtype
         try:
@@ -184,8 +187,9 @@ class VLLMEngine(EngineBase):
         except Exception as err:  # vLLM reports unsupported models (e.g. a head size with no kernel) only here
             self.close()
             raise RuntimeError(f"vLLM cannot run the model in {model_dir} on this machine: {err}") from err
-        # Updates write into the CPU model directly where its layout allows it (see the module docstring).
-        if on_cpu:
+        # Updates write into the CPU model directly where its layout allows it (see the module docstring); a
+        # model split over several workers is not in this process, so it takes vLLM's reload.
+        if on_cpu and opts.tensor_parallel_size == 1:
             try:
                 self._writer, why = CpuWriter.build(self._llm.collective_rpc(get_model)[0], self.params)
             except Exception as err:  # vLLM internals this version of the writer does not know: vLLM's reload
@@ -267,9 +271,11 @@ class VLLMEngine(EngineBase):
         """vLLM's own reload of every tensor of each unit that changed; returns how many tensors went in."""
         units = {self._groups[n] for n in changed}
         names = [n for n in self.params if self._groups[n] in units]
+        # A list, not a generator: with tensor parallelism the call is pickled to one worker process per GPU (each
+        # takes its slices); the list holds references to the tensors, no copies.
         self._llm.collective_rpc(
             "reload_weights",
-            kwargs={"weights_iterator": ((n, self.params[n]) for n in names), "is_checkpoint_format": True},
+            kwargs={"weights_iterator": [(n, self.params[n]) for n in names], "is_checkpoint_format": True},
         )
         self._llm.collective_rpc(refresh_tied_layers)
         return len(names)

@@ -15,6 +15,7 @@ from heterorl.common.config import field, section
 from heterorl.common.logs import LoggingConfig
 from heterorl.common.rewards import BOXED_PATTERN, parse_reward_spec
 from heterorl.server.losses import LossConfig
+from heterorl.server.scheduling import POLICIES
 from heterorl.server.precision import COMPUTE_DTYPE_HELP, DEVICE_HELP, check_compute_dtype, check_device_spec
 from heterorl.server.trust import TrustConfig
 
@@ -124,7 +125,15 @@ class ServeSection:
 
     host: str = field("127.0.0.1", "address to bind the gRPC server to")
     port: int = field(50051, "port to bind (0 picks a free one; it is written to RUN_DIR/learner.json)")
-    lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group")
+    lease_ttl_s: float = field(300.0, "seconds a sampler has to return a leased prompt group (adaptive: the most)")
+    lease_policy: str = field("adaptive", "how leases are sized: 'uniform' (what a sampler asks for, each for "
+                                          "lease_ttl_s) or 'adaptive' (by each sampler's measured speed and round "
+                                          "trip: heterorl/server/scheduling.py)")
+    lease_min_ttl_s: float = field(15.0, "adaptive: the shortest expiry a lease gets (at most lease_ttl_s)")
+    lease_target_versions: float = field(2.0, "adaptive: a batch of leases should come back within this many "
+                                              "published versions")
+    lease_refresh_lag: int = field(8, "adaptive: samplers more than this many versions behind are told to load "
+                                      "a newer version before generating (0 = never)")
     max_inflight_groups: int = field(0, "most groups leased or waiting to be trained (0 = 3 x groups_per_step)")
     keep_versions: int = field(4, "published versions kept for samplers to fetch")
     chunk_bytes: int = field(2 << 20, "bytes per weight chunk on the wire")
@@ -133,6 +142,11 @@ class ServeSection:
         _check([
             (0 <= self.port <= 65535, "port must be in 0..65535"),
             (self.lease_ttl_s > 0, "lease_ttl_s must be > 0"),
+            (self.lease_policy in POLICIES, f"lease_policy must be one of {', '.join(POLICIES)}, got "
+                                            f"{self.lease_policy!r}"),
+            (self.lease_min_ttl_s > 0, "lease_min_ttl_s must be > 0"),
+            (self.lease_target_versions > 0, "lease_target_versions must be > 0"),
+            (self.lease_refresh_lag >= 0, "lease_refresh_lag must be >= 0"),
             (self.max_inflight_groups >= 0, "max_inflight_groups must be >= 0"),
             (self.keep_versions >= 1, "keep_versions must be >= 1"),
             (64 << 10 <= self.chunk_bytes <= 3 << 20, "chunk_bytes must be in 64 KiB..3 MiB"),
@@ -154,9 +168,16 @@ class TrainSection:
     grad_checkpointing: bool = field(False, "recompute activations in backward: less memory, more time")
     micro_batch_tokens: int = field(0, "token budget of one forward/backward (prompt + completion tokens, whole "
                                        "groups each; a bigger group goes alone); 0 = the whole batch at once")
+    nproc: int = field(1, "ranks of the learner on this host: heterorl-learner re-launches itself through torchrun "
+                          "with this many processes (FSDP2 shards weights, gradients and AdamW state over them); "
+                          "under torchrun the launcher decides and this is ignored")
+    collective_timeout_s: float = field(600.0, "seconds a collective of a learner with several ranks may wait for "
+                                               "another rank before the learner stops (a rank died or hangs)")
 
     def __post_init__(self) -> None:
         _check([
+            (1 <= self.nproc <= 1024, "nproc must be in 1..1024"),
+            (self.collective_timeout_s > 0, "collective_timeout_s must be > 0"),
             (1 <= self.group_size <= 256, "group_size must be in 1..256"),
             (1 <= self.groups_per_step <= 4096, "groups_per_step must be in 1..4096"),
             (self.lr > 0, "lr must be > 0"),

@@ -28,12 +28,14 @@ from heterorl.server import bootstrap, loop, resume
 from heterorl.server.commits import DurabilityError
 from heterorl.server.config import LearnerConfig
 from heterorl.server.db import DB_NAME, RunDB
+from heterorl.server.distributed import Ranks
 from heterorl.server.ingest import Ingest, Submission, committed
 from heterorl.server.leases import Lease, LeaseBook, LeaseState
 from heterorl.server.metrics import LearnerMetrics
 from heterorl.server.registry import LearnerStatus, Registry, SamplerRecord
 from heterorl.server.reporting import Reports
 from heterorl.server.rewards import Scorer
+from heterorl.server.scheduling import Scheduler, SchedulingConfig
 from heterorl.server.stats import MetricsLog, RunStats
 from heterorl.server.store import StoredGroup, TrajectoryStore
 from heterorl.server.trainer import Trainer, TrainerConfig
@@ -45,11 +47,22 @@ __all__ = ["Learner", "Submission", "SamplerRecord"]
 logger = logging.getLogger(__name__)
 
 
+def trainer_config(config: LearnerConfig) -> TrainerConfig:
+    """The trainer's settings out of the run's (every rank of a learner on several processes builds the same)."""
+    return TrainerConfig(
+        lr=config.train.lr, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
+        temperature=config.sampling.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
+        loss=config.loss.loss_config(), device=config.train.device, compute_dtype=config.train.compute_dtype,
+        grad_checkpointing=config.train.grad_checkpointing, micro_batch_tokens=config.train.micro_batch_tokens,
+    )
+
+
 class Learner:
-    def __init__(self, config: LearnerConfig | resume.RunPlan):
+    def __init__(self, config: LearnerConfig | resume.RunPlan, ranks: Ranks | None = None):
+        """`ranks`: this is rank 0 of a learner on several processes (heterorl.server.distributed)."""
         plan = config if isinstance(config, resume.RunPlan) else resume.plan_run(config)
         try:
-            self._build(plan)
+            self._build(plan, ranks)
         except BaseException:
             db, scorer = getattr(self, "db", plan.db), getattr(self, "scorer", None)
             if db is not None:
@@ -61,19 +74,14 @@ class Learner:
                     telemetry.close()
             raise
 
-    def _build(self, plan: resume.RunPlan) -> None:
+    def _build(self, plan: resume.RunPlan, ranks: Ranks | None) -> None:
         config = self.config = plan.config
         self.run_id = uuid.uuid4().hex[:12]
         self.started = time.time()
         config.run.run_dir.mkdir(parents=True, exist_ok=True)
         self.inputs = bootstrap.load(config)
         self.scorer = Scorer(self.inputs.reward_name, config.run.reward_timeout_s)
-        self.trainer = Trainer(self.inputs.model, pad_id=self.inputs.pad_id, config=TrainerConfig(
-            lr=config.train.lr, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm,
-            temperature=config.sampling.temperature, top_k=config.sampling.top_k, top_p=config.sampling.top_p,
-            loss=config.loss.loss_config(), device=config.train.device, compute_dtype=config.train.compute_dtype,
-            grad_checkpointing=config.train.grad_checkpointing, micro_batch_tokens=config.train.micro_batch_tokens,
-        ))
+        self.trainer = Trainer(self.inputs.model, self.inputs.pad_id, trainer_config(config), ranks=ranks)
         self.versions = VersionStore(keep=config.serve.keep_versions, chunk_bytes=config.serve.chunk_bytes)
         self.trust = TrustBook(config.trust.trust_config())
         self._verifier: Verifier | None = None
@@ -93,7 +101,8 @@ class Learner:
                                     to_dict(config, flat=True))  # --report-to (heterorl/server/reporting.py)
         self.checkpoint_step = -1  # step of the newest recorded train-state checkpoint (-1: none)
         self.ingest = Ingest(self.lock, self.groups_ready, self.registry, self.leases, self.store, self.scorer,
-                             self.inputs.decode, config.inflight_limit)
+                             self.inputs.decode, config.inflight_limit, newest=lambda: self.versions.newest,
+                             scheduler=Scheduler(SchedulingConfig.from_serve(config.serve, config.inflight_limit)))
         if plan.db is not None:
             resume.restore(self)
         else:
@@ -129,7 +138,8 @@ class Learner:
         """Built on the first check: its own copy of the model, so it costs nothing until a group is checked."""
         if self._verifier is None:
             c = self.config.sampling
-            self._verifier = Verifier(self.trainer.model, self.inputs.pad_id, c.temperature, c.top_k, c.top_p)
+            self._verifier = Verifier(self.trainer.reference_model(), self.inputs.pad_id, c.temperature, c.top_k,
+                                      c.top_p)
         return self._verifier
 
     # ---- what the service calls ------------------------------------------------------------------------------
@@ -238,3 +248,4 @@ class Learner:
         self.scorer.close()
         self.reports.close()
         self.prometheus.close()
+        self.trainer.close()  # releases the other ranks of a learner on several processes

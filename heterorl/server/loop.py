@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from heterorl.common import codec
 from heterorl.common.config import to_dict
+from heterorl.common.progress import Progress, activity
 from heterorl.server import checkpoint as ckpt
 from heterorl.server import evaluate as evaluation
 from heterorl.server.commits import DurabilityError, Ticket
@@ -34,6 +37,7 @@ def run(learner: Learner, stop: threading.Event) -> dict:
     """Train until max_steps (or stop); evaluate first, every eval_every steps and last; return the summary."""
     config, trainer, stats = learner.config, learner.trainer, learner.stats
     started = time.time()
+    steps = Progress("training", config.run.max_steps or None, "steps", log=logger, initial=trainer.step, every_s=60)
     (config.run.run_dir / "config.json").write_text(json.dumps(to_dict(config, flat=True), indent=2))
     if config.eval.eval_size and not (stats.eval_history and stats.eval_history[-1][0] == trainer.step):
         evaluate(learner)  # a resumed run has evaluated this step already
@@ -50,15 +54,19 @@ def run(learner: Learner, stop: threading.Event) -> dict:
         logger.info("step %d: loss %.4f reward %.3f staleness %.1f (max %d) grad %.3f %.1fs", record["step"],
                     record["loss"], record["reward_mean"], record["staleness_mean"], record["staleness_max"],
                     record["grad_norm"], record["train_seconds"])
+        steps.set(trainer.step)  # a bar on a terminal; in a log a line a minute at most, with the time left
         if config.eval.eval_every and trainer.step % config.eval.eval_every == 0 and config.eval.eval_size:
             evaluate(learner)
         if config.durability.checkpoint_every and trainer.step % config.durability.checkpoint_every == 0:
             write_train_state(learner)
+    steps.close()
     finished = not stop.is_set()  # a stop request skips the final evaluation so that stopping is prompt
     if finished and config.eval.eval_size and stats.eval_history[-1][0] != trainer.step:
         evaluate(learner)
     write_train_state(learner)  # at the end, and on SIGTERM: `--resume` continues from here
-    exported = ckpt.export_model(config.run.run_dir, trainer.model, learner.inputs.tokenizer)
+    # A sharded model is gathered whole (fp32) onto rank 0 first; on one rank the model writes its own weights.
+    whole = trainer.snapshot(torch.float32) if trainer.ranks is not None else None
+    exported = ckpt.export_model(config.run.run_dir, trainer.model, learner.inputs.tokenizer, whole)
     return write_summary(learner, started, exported)
 
 
@@ -172,6 +180,9 @@ def evaluate(learner: Learner) -> float:
     that fails on an answer counts it wrong (counted in the scorer)."""
     config, inputs, step = learner.config, learner.inputs, learner.trainer.step
     model = learner.trainer.model
+    if learner.trainer.ranks is not None:  # sharded: rank 0 evaluates the newest version on its plain copy
+        learner.verifier.load(learner.version, learner.versions.tensors(learner.version))
+        model = learner.verifier.model
     settings = evaluation.EvalSettings(
         max_new_tokens=config.eval_tokens, samples=config.eval.eval_samples, temperature=config.sampling.temperature,
         top_k=config.sampling.top_k, top_p=config.sampling.top_p, stop=tuple(config.sampling.stop),
@@ -198,10 +209,10 @@ def write_train_state(learner: Learner) -> Path | None:
     started = time.perf_counter()
     version = learner.version
     digest = learner.versions.weights_sha256(version)
-    path, manifest = ckpt.write_train_state(
-        run_dir / ckpt.TRAIN_STATE_DIR, step, learner.trainer.model, learner.trainer.optimizer,
-        {"run_id": learner.run_id, "version": version, "weights_sha256": digest},
-    )
+    shown = activity(f"checkpoint of step {step}", log=logger)  # still writing: a line every 15 s in a log
+    path, manifest = learner.trainer.save_state(  # with several ranks, each writes its shards
+        run_dir / ckpt.TRAIN_STATE_DIR, step, {"run_id": learner.run_id, "version": version, "weights_sha256": digest})
+    shown.close()
     metrics_bytes = learner.metrics.path.stat().st_size if learner.metrics.path.exists() else 0
     learner.save_samplers()
     released = learner.db.record_checkpoint(CheckpointRow(

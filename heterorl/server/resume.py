@@ -49,7 +49,8 @@ RUN_IDENTITY = (
     "system_prompt",
 )
 # Settings of the process rather than the run: a resumed learner takes them from its own command line.
-PER_PROCESS = {"log_level", "log_format"}
+# Also how many ranks train: a run written by N ranks resumes on any number.
+PER_PROCESS = {"log_level", "log_format", "nproc", "collective_timeout_s"}
 
 
 @dataclass
@@ -75,9 +76,11 @@ def plan_run(requested: LearnerConfig, explicit: set[str] | None = None) -> RunP
                              f"{run_dir}, or choose another --run-dir")
         return RunPlan(requested, None)
     if (explicit is None or "run_dir" in explicit) and run_dir.resolve() != resume.resolve():
-        raise ValueError(f"--run-dir {run_dir} and --resume {resume} name different runs")
+        raise ValueError(f"--run-dir {run_dir} and --resume {resume} name different runs; give only --resume "
+                         f"{resume} to continue that run")
     if not (resume / DB_NAME).exists():
-        raise ValueError(f"--resume {resume}: there is no run to resume ({DB_NAME} is missing)")
+        raise ValueError(f"--resume {resume}: there is no run to resume ({DB_NAME} is missing); start a new run "
+                         f"there with --run-dir {resume} instead of --resume")
     db = RunDB.open(resume / DB_NAME)  # refuses a database of another schema, by name
     try:
         config = _merged(db.stored_config(), requested, explicit, resume)
@@ -100,7 +103,8 @@ def _merged(stored: dict[str, Any], requested: LearnerConfig, explicit: set[str]
     for name in RUN_IDENTITY:
         if name in changes and changes[name] != was.get(name):
             raise ValueError(f"--resume cannot change {name} (the run has {was.get(name)!r}, asked for "
-                             f"{changes[name]!r})")
+                             f"{changes[name]!r}); leave --{name.replace('_', '-')} out to continue the run "
+                             f"as it was, or start a new run with another --run-dir")
     if "port" not in given and base.serve.port == 0:  # the address its samplers know (RUN_DIR/learner.json)
         try:
             changes["port"] = int(json.loads((run_dir / "learner.json").read_text())["port"])
@@ -120,9 +124,7 @@ def restore(learner: Learner) -> None:
     version, digest = 1, first.versions.get(1)
     if row is not None:  # loaded (and verified) before anything in the database changes
         keep = config.run.run_dir / row.path
-        ckpt.read_train_state(keep, row.manifest, trainer.model, trainer.optimizer)
-        for group in trainer.optimizer.param_groups:  # a resume may change these two
-            group["lr"], group["weight_decay"] = config.train.lr, config.train.weight_decay
+        trainer.load_state(keep, row.manifest)  # any rank count may have written it; lr and weight decay: now's
         trainer.step = learner.checkpoint_step = row.step
         version, digest = row.version, row.weights_sha256
     snapshot = trainer.snapshot()

@@ -6,13 +6,19 @@ hands out bf16 snapshots of the weights for publishing.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from heterorl.common.weights import weight_tensors
-from heterorl.server.losses import LossConfig, policy_loss
+from heterorl.server import checkpoint as ckpt
+from heterorl.server import distributed
+from heterorl.server.distributed import Ranks
+from heterorl.server.losses import BatchNorms, LossConfig, policy_loss
 from heterorl.server.microbatch import batch_norms, plan_micro_batches
 from heterorl.server.precision import autocast, resolve_compute_dtype, resolve_device
 from heterorl.server.store import StoredGroup
@@ -132,16 +138,31 @@ def group_logprobs(
 
 
 class Trainer:
-    """fp32 master weights and AdamW state on `config.device`; forward/backward in `config.compute_dtype`."""
+    """fp32 master weights and AdamW state on `config.device`; forward/backward in `config.compute_dtype`.
 
-    def __init__(self, model: torch.nn.Module, pad_id: int, config: TrainerConfig):
-        self.device = resolve_device(config.device)
+    With `ranks` (a learner on several processes, heterorl.server.distributed) the model is sharded with FSDP2 and
+    the methods that touch the weights (`train_step`, `snapshot`, `save_state`, `load_state`) are collective:
+    rank 0 calls them and announces each to the other ranks, which run the same code from `distributed.follow`.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, config: TrainerConfig, ranks: Ranks | None = None):
+        self.ranks = ranks
+        self.device = resolve_device(ranks.device if ranks else config.device)
         self.compute_dtype = resolve_compute_dtype(config.compute_dtype, self.device)
-        self.model = model.to(device=self.device, dtype=torch.float32).train()
+        # Rank 0 of several keeps a plain bf16 copy of the architecture on the CPU: trust checks and evaluation
+        # run on it (loaded with a published version), since the sharded model cannot run on one rank alone.
+        self.template = (copy.deepcopy(model).to(torch.bfloat16).eval()
+                         if ranks is not None and ranks.leader else None)
+        # Several ranks: FSDP moves each block to the device as it shards it, so the whole model never sits on one
+        # device (a 32B model would not fit); one rank: the whole model goes there.
+        self.model = model.to(dtype=torch.float32) if ranks is not None else model.to(self.device, torch.float32)
+        self.model.train()
         if config.grad_checkpointing:
             # HF checkpointing drops the KV cache in training, so the step then scores each group with one plain
             # forward over its full sequences (`completion_logprobs`) instead of the shared-prompt path.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if ranks is not None:
+            distributed.shard(self.model, self.compute_dtype)
         self.pad_id = pad_id
         self.config = config
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -152,62 +173,154 @@ class Trainer:
         """One optimizer step on whole groups; returns the step's metrics (loss evidence, grad norm, time).
 
         Micro-batches of whole groups (`--micro-batch-tokens`) each add their share of the full-batch loss (every
-        loss divides by the whole batch's counts), so the gradient is the full batch's whatever the budget.
+        loss divides by the whole batch's counts), so the gradient is the full batch's whatever the budget; with
+        several ranks each trains its own whole groups the same way and FSDP sums the gradients.
         The metrics are those of the whole batch, computed once from the detached log-probs.
         """
         if not groups:
             raise ValueError("train_step needs at least one group")
+        norms = batch_norms(groups)
+        if self.ranks is None:
+            at, mine = 0, []
+            for chunk in plan_micro_batches(groups, self.config.micro_batch_tokens):
+                mine.append(list(range(at, at + len(chunk))))
+                at += len(chunk)
+        else:
+            shares = distributed.plan_shares(groups, self.ranks.world, self.config.micro_batch_tokens)
+            self.ranks.announce("step", (groups, shares, norms))
+            mine = shares[0]
+        return self.run_share(groups, mine, norms)
+
+    def run_share(self, groups: list[StoredGroup], micro_batches: list[list[int]], norms: BatchNorms
+                  ) -> dict[str, float]:
+        """This rank's part of a step: its micro-batches (indices into `groups`), then the optimizer step.
+
+        On one rank each group is scored with the shared-prompt forward. With several ranks every micro-batch is
+        one forward (FSDP gathers each block once per forward, so all ranks must run as many) and an empty
+        micro-batch is a forward of two padding tokens with a zero loss. Returns the metrics on rank 0, {} elsewhere.
+        """
         started = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        norms = batch_norms(groups)
-        seen: list[tuple[torch.Tensor, ...]] = []
-        for chunk in plan_micro_batches(groups, self.config.micro_batch_tokens):
-            logprobs, behaviour, mask, rewards = self._batch(chunk, norms.width)
-            out = policy_loss(logprobs, behaviour, mask, rewards, self.config.loss, norms)
-            out.loss.backward()
-            seen.append((logprobs.detach(), behaviour, mask, rewards))
-        with torch.no_grad():
-            metrics = policy_loss(*(torch.cat(parts) for parts in zip(*seen)), self.config.loss).metrics
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.config.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        self.optimizer.step()
+        sharded = self.ranks is not None
+        seen: list[tuple[list[int], torch.Tensor]] = []
+        with self._collective("a training step"):
+            for i, indices in enumerate(micro_batches):
+                if sharded:  # gradients are reduce-scattered once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+                chunk = [groups[j] for j in indices]
+                if not chunk:
+                    with autocast(self.device, self.compute_dtype):
+                        idle = self.model(input_ids=torch.full((1, 2), self.pad_id, device=self.device),
+                                          use_cache=False).logits
+                    (idle.float().sum() * 0.0).backward()
+                    continue
+                logprobs = self._logprobs(chunk, norms.width, one_forward=sharded)
+                behaviour, mask, rewards = self._targets(chunk, norms.width)
+                out = policy_loss(logprobs, behaviour, mask, rewards, self.config.loss, norms)
+                out.loss.backward()
+                seen.append((indices, logprobs.detach()))
+            if sharded:
+                parts = self.ranks.gather([(j, lp.cpu()) for indices, lps in seen for j, lp in zip(indices, lps)])
+            else:
+                parts = [[(j, lp) for indices, lps in seen for j, lp in zip(indices, lps)]]
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all ranks' shards
+                grad_norm = grad_norm.full_tensor()
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, grad_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if parts is None:
+            return {}
+        by_group = dict(item for part in parts for item in part)
+        with torch.no_grad():
+            logprobs = torch.stack([by_group[j].to(self.device) for j in range(len(groups))])
+            metrics = policy_loss(logprobs, *self._targets(groups, norms.width), self.config.loss).metrics
         metrics["grad_norm"] = float(grad_norm)
         metrics["train_seconds"] = time.perf_counter() - started
         return metrics
 
-    def _batch(self, groups: list[StoredGroup], width: int):
-        """(log-probs with grad, behaviour log-probs, mask, rewards) of `groups`, padded to `width`, on the device."""
-        rows, masks, behaviour, rewards = [], [], [], []
+    def _logprobs(self, groups: list[StoredGroup], width: int, one_forward: bool) -> torch.Tensor:
+        """Log-probs with grad of `groups`' completions, [N, G, width] (zero past each completion's end)."""
         c = self.config
+        if one_forward:
+            sequences, prompt_lens = [], []
+            for group in groups:
+                prompt = list(group.prompt_token_ids)
+                sequences += [prompt + list(x.token_ids) for x in group.completions]
+                prompt_lens += [len(prompt)] * len(group.completions)
+            with autocast(self.device, self.compute_dtype):
+                logprobs, _ = completion_logprobs(self.model, sequences, prompt_lens, c.temperature, self.pad_id,
+                                                  c.top_k, c.top_p)
+            logprobs = torch.nn.functional.pad(logprobs.float(), (0, width - logprobs.shape[1]))
+            return logprobs.view(len(groups), -1, width)
+        rows = []
         for group in groups:
             prompt, completions = list(group.prompt_token_ids), [list(x.token_ids) for x in group.completions]
             with autocast(self.device, self.compute_dtype):
                 if c.grad_checkpointing:
-                    logprobs, mask = completion_logprobs(
+                    logprobs, _ = completion_logprobs(
                         self.model, [prompt + comp for comp in completions], [len(prompt)] * len(completions),
                         c.temperature, self.pad_id, c.top_k, c.top_p)
                 else:
-                    logprobs, mask = group_logprobs(
+                    logprobs, _ = group_logprobs(
                         self.model, prompt, completions, c.temperature, self.pad_id, c.top_k, c.top_p)
-            pad = width - logprobs.shape[1]
-            rows.append(torch.nn.functional.pad(logprobs.float(), (0, pad)))
-            masks.append(torch.nn.functional.pad(mask, (0, pad)))
-            b = torch.zeros((len(group.completions), width))
+            rows.append(torch.nn.functional.pad(logprobs.float(), (0, width - logprobs.shape[1])))
+        return torch.stack(rows)
+
+    def _targets(self, groups: list[StoredGroup], width: int):
+        """(behaviour log-probs, mask, rewards) of `groups`, padded to `width`, on the device."""
+        behaviour = torch.zeros((len(groups), len(groups[0].completions), width))
+        mask = torch.zeros((len(groups), len(groups[0].completions), width), dtype=torch.bool)
+        for g, group in enumerate(groups):
             for i, comp in enumerate(group.completions):
-                b[i, : len(comp.logprobs)] = torch.tensor(comp.logprobs, dtype=torch.float32)
-            behaviour.append(b)
-            rewards.append(torch.tensor([x.reward for x in group.completions], dtype=torch.float32))
-        return (torch.stack(rows), torch.stack(behaviour).to(self.device), torch.stack(masks),
-                torch.stack(rewards).to(self.device))
+                behaviour[g, i, : len(comp.logprobs)] = torch.tensor(comp.logprobs, dtype=torch.float32)
+                mask[g, i, : len(comp.token_ids)] = True
+        rewards = torch.tensor([[x.reward for x in group.completions] for group in groups], dtype=torch.float32)
+        return behaviour.to(self.device), mask.to(self.device), rewards.to(self.device)
 
     def snapshot(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
         """The weights as published: each fp32 master parameter cast to `dtype`, on the CPU (a fresh copy, safe to
-        encode later)."""
+        encode later). With several ranks it is gathered whole onto rank 0 ({} on the others)."""
+        if self.ranks is not None:
+            self.ranks.announce("snapshot", dtype)
+            with self._collective("gathering the weights"):
+                return distributed.gather_weights(self.model, dtype, keep=self.ranks.leader)
         return {name: t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
                 for name, t in weight_tensors(self.model).items()}
+
+    def save_state(self, root: Path, step: int, meta: dict) -> tuple[Path | None, dict | None]:
+        """A train-state checkpoint of `step` under `root` (heterorl.server.checkpoint); (None, None) on ranks > 0."""
+        with self._collective(f"writing the checkpoint of step {step}"):
+            return ckpt.write_train_state(root, step, self.model, self.optimizer, meta, self.ranks)
+
+    def load_state(self, path: Path, manifest: dict) -> dict:
+        """Load a checkpoint (any rank count wrote it); the run's current lr and weight decay apply from here."""
+        with self._collective(f"loading the checkpoint {path.name}"):
+            meta = ckpt.read_train_state(path, manifest, self.model, self.optimizer, self.ranks)
+        for group in self.optimizer.param_groups:  # a resume may change these two
+            group["lr"], group["weight_decay"] = self.config.lr, self.config.weight_decay
+        return meta
+
+    def reference_model(self) -> torch.nn.Module:
+        """A plain model of the architecture on the trainer's device, for trust checks and evaluation.
+
+        One rank: the trainer's own model (the verifier copies it). Several: rank 0's CPU template, moved to the
+        device and handed over (called once; the caller loads a published version into it)."""
+        if self.ranks is None:
+            return self.model
+        if self.template is None:
+            raise RuntimeError("the reference model was already handed out")
+        model, self.template = self.template.to(self.device), None
+        return model
+
+    def close(self) -> None:
+        """Release the other ranks (rank 0 of several; nothing on one rank)."""
+        if self.ranks is not None:
+            self.ranks.stop()
+
+    def _collective(self, what: str):
+        return self.ranks.collective(what) if self.ranks is not None else contextlib.nullcontext()
