@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plots.add_commands(sub)  # plot, compare: heterorl/tools/plots.py
     export_tool.add_commands(sub)  # export: heterorl/tools/export.py
+    from heterorl.tools import health
+
+    health.add_commands(sub)  # health: container health checks, heterorl/tools/health.py
 
     p = sub.add_parser("prepare-model", help="convert and cache a model (the default: SmolLM2-135M-Instruct)")
     p.add_argument("--model", default="smollm2-135m")

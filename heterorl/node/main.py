@@ -29,6 +29,9 @@ def parse_config(argv: list[str] | None = None) -> SamplerConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging(config.logging.log_level, config.logging.log_format)
+    from heterorl.common.progress import quiet_library_bars
+
+    quiet_library_bars()  # a log gets progress lines, not the libraries' redrawn bars (heterorl/common/progress.py)
     import torch
 
     from heterorl.common.contract import refusal_reason
@@ -47,13 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = sampler.run()
     except AuthenticationFailed as err:
-        log.error("stopping: %s. Check --token-file / HETERORL_TOKEN against the learner's --tokens-file.", err)
+        log.error("stopping: %s; give a token listed in the learner's --tokens-file with --token-file FILE or "
+                  "HETERORL_TOKEN (`heterorl new-token NAME --out FILE` on the learner's machine adds one)", err)
         return 3
     except UnsupportedRun as err:
         log.error("stopping: %s", err)
         return 2
     except grpc.RpcError as err:
         reason = refusal_reason(err)
+        if reason is None:  # no heterorl refusal: a wrong address or another server (heterorl/common/hints.py)
+            from heterorl.common.hints import learner_call_failed
+
+            log.error("stopping: %s", learner_call_failed(config.sampler.learner, err))
+            return 1
         code = err.code().name if isinstance(err, grpc.Call) else "no status"
         details = err.details() if isinstance(err, grpc.Call) else str(err)
         log.error("stopping: the learner refused (%s, %s): %s", code, reason.value if reason else "no reason", details)

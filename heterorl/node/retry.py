@@ -19,6 +19,7 @@ import grpc
 import tenacity
 
 from heterorl.common.contract import Reason, refusal_reason
+from heterorl.common.hints import learner_call_failed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,8 +88,9 @@ class RetryPolicy:
             if attempt == 1 or attempt % 10 == 0:
                 err = state.outcome.exception() if state.outcome else None
                 asked = isinstance(err, grpc.Call) and refusal_reason(err) in RETRY_REASONS
-                log.warning("%s: learner%s %s (%s); retrying (attempt %d)", what, f" at {where}" if where else "",
-                            "asks to wait" if asked else "unreachable", describe(err) if err else "?", attempt)
+                hint = "" if asked or not where or err is None else f"; {learner_call_failed(where, err)}"
+                log.warning("%s: learner%s %s (%s); retrying (attempt %d)%s", what, f" at {where}" if where else "",
+                            "asks to wait" if asked else "unreachable", describe(err) if err else "?", attempt, hint)
 
         return tenacity.Retrying(
             retry=tenacity.retry_if_exception(retry_on),

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from heterorl.common.model import left_pad
+from heterorl.common.progress import Progress
 from heterorl.common.tasks import Problem
 
 logger = logging.getLogger(__name__)
@@ -88,24 +89,27 @@ def evaluate_policy(model: torch.nn.Module, problems: list[Problem], encode: Cal
     eos_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     was_training = model.training
     model.eval()
+    # A bar on a terminal, a line every 15 s in a log (heterorl/common/progress.py): a first evaluation takes minutes.
+    shown = Progress("evaluation", len(problems) * (1 + settings.samples), "completions", log=logger)
     try:
-        greedy_right = _score(model, device, problems, encode, decode, correct, settings, pad_id, eos_id, 0)
+        greedy_right = _score(model, device, problems, encode, decode, correct, settings, pad_id, eos_id, 0, shown)
         pass1 = None
         if settings.samples:
             devices = [device] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(settings.seed)
                 sampled_right = _score(model, device, problems, encode, decode, correct, settings, pad_id, eos_id,
-                                       settings.samples)
+                                       settings.samples, shown)
             pass1 = sampled_right / (len(problems) * settings.samples)
     finally:
+        shown.close()
         model.train(was_training)
     return EvalResult(greedy_right / len(problems), pass1, settings.samples, len(problems),
                       time.perf_counter() - started)
 
 
 def _score(model, device, problems, encode, decode, correct: Correct, settings: EvalSettings, pad_id: int, eos_id,
-           k: int) -> int:
+           k: int, shown: Progress | None = None) -> int:
     """How many completions are right: one greedy per problem (k = 0), or k samples per problem."""
     per_prompt = max(k, 1)
     problems_per_call = max(1, settings.batch_size // per_prompt)
@@ -116,6 +120,8 @@ def _score(model, device, problems, encode, decode, correct: Correct, settings: 
         for i, problem in enumerate(batch):
             texts = [cut_at_stop(decode(row), settings.stop) for row in rows[i * per_prompt : (i + 1) * per_prompt]]
             right += sum(correct(texts, problem.answer))
+        if shown is not None:
+            shown.update(len(rows))
     return right
 
 

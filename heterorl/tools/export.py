@@ -139,9 +139,7 @@ def _load_fp32(model_dir: Path):
 
 
 def _load_train_state(source: Path, state: TrainState):
-    from safetensors.torch import load_model
-
-    from heterorl.server.checkpoint import CheckpointError, verify
+    from heterorl.server.checkpoint import CheckpointError, read_weights, verify
 
     try:
         verify(state.path, state.manifest)
@@ -150,9 +148,9 @@ def _load_train_state(source: Path, state: TrainState):
                           f"--version") from None
     model = _load_fp32(source)
     try:
-        missing, unexpected = load_model(model, state.path / "model.safetensors", strict=True)
-    except OSError as err:
-        raise ExportError(f"cannot read {state.path / 'model.safetensors'} ({err}); the learner may have replaced "
+        missing, unexpected = model.load_state_dict(read_weights(state.path), strict=False)  # either format
+    except (OSError, CheckpointError) as err:
+        raise ExportError(f"cannot read the weights of {state.path} ({err}); the learner may have replaced "
                           f"that checkpoint with a newer one: export again") from None
     if missing or unexpected:
         raise ExportError(f"{state.path} does not fit the model of {source} (missing {missing}, unexpected "
@@ -187,6 +185,8 @@ def _final_version(run: RunRecord, model) -> int | None:
 def export(run_dir: Path, out_dir: Path, version: int | None = None) -> dict[str, Any]:
     """Write the HF directory of `version` (default: the newest on disk) to `out_dir`; returns what was written."""
     import torch
+
+    from heterorl.common.progress import activity
 
     run = read_run(run_dir)
     out_dir = Path(out_dir)
@@ -244,7 +244,8 @@ def export(run_dir: Path, out_dir: Path, version: int | None = None) -> dict[str
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_dir(model, source_dir, tmp)
+        with activity(f"writing version {version}"):  # a bar on a terminal; a line every 15 s when piped
+            _write_dir(model, source_dir, tmp)
         record = {
             "run_id": run.run_id, "run_dir": str(run.run_dir.resolve()), "version": version, "step": step,
             "weights_sha256": digest, "dtype": "bfloat16", "source": origin, "exported_at": time.time(),
@@ -282,6 +283,9 @@ def _write_dir(model, source_dir: Path, out: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from heterorl.common.progress import quiet_library_bars
+
+    quiet_library_bars()
     try:
         record = export(args.run_dir, args.out_dir, args.version)
     except ExportError as err:

@@ -109,8 +109,10 @@ def watch(target: str, interval: float, fetch: Callable[[], object], out=None,
         try:
             status = fetch()
         except grpc.RpcError as err:
-            code = err.code().name if isinstance(err, grpc.Call) else "no answer"
-            text = f"heterorl learner {target}: did not answer ({code}); retrying every {interval:g}s"
+            from heterorl.common.hints import learner_call_failed
+
+            text = (f"heterorl learner {target}: did not answer; retrying every {interval:g}s. "
+                    f"{learner_call_failed(target, err)}")
             if use_rich:
                 from rich.text import Text
 
