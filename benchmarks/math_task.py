@@ -2,11 +2,12 @@
 
 The set (tests/math_set.py: 48 problems, fraction sums, simplification, powers, roots, percentages, linear
 equations; a seeded quarter held out) is written to the work directory; nothing is downloaded. One learner and
-`--samplers` samplers run as processes on this machine, as `heterorl demo` runs them. The learner evaluates at the
-start and the end: greedy accuracy and pass@1 over `--eval-samples` samples at the run's temperature. Run from the
-repo root:
+`--samplers` samplers run as processes on this machine, as `heterorl demo` runs them (samplers niced, vLLM where
+installed). The reward is `math` (math-verify; `--reward math,format --reward-weights 1,0.2` adds a \\boxed{} bonus).
+The learner evaluates at the start and the end: greedy accuracy and pass@1 over `--eval-samples` samples at the
+run's temperature, both scored by the math reward. Run from the repo root:
 
-    python benchmarks/math_task.py [--model smollm2-135m] [--steps 8] [--engine transformers]
+    python benchmarks/math_task.py [--model smollm2-135m] [--steps 8] [--engine vllm]
 
 Ends with `RESULT start_pass1=... end_pass1=... start_greedy=... end_greedy=... steps=... wall_s=...`.
 """
@@ -34,17 +35,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', 'tiny' or a local HF directory")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--samplers", type=int, default=1)
-    p.add_argument("--engine", default="transformers", help="sampler engine: transformers or vllm")
+    p.add_argument("--engine", default=None, help="sampler engine: vllm (default where installed) or transformers")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--reward", default="math,format")
-    p.add_argument("--reward-weights", default="1.0,0.2")
+    p.add_argument("--reward", default="math")
+    p.add_argument("--reward-weights", default="", help="comma-separated weights of --reward's terms (default: 1 each)")
     p.add_argument("--eval-samples", type=int, default=4, help="k of pass@1")
-    p.add_argument("--learner-threads", type=int, default=1)
+    p.add_argument("--learner-threads", type=int, default=2)
     p.add_argument("--sampler-threads", type=int, default=1)
+    p.add_argument("--sampler-nice", type=int, default=10, help="niceness of the samplers (as the demo's)")
     p.add_argument("--timeout-s", type=float, default=1800)
     p.add_argument("--work-dir", type=Path, default=None, help="keep the run here (default: a temp dir)")
     return p.parse_args(argv)
@@ -52,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.engine is None:
+        from heterorl.node.engine_base import default_engine
+
+        args.engine = default_engine()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="heterorl-math-"))
     work.mkdir(parents=True, exist_ok=True)
     data = write_math_set(work / "math.jsonl")
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     learner_argv = [
         py, "-m", "heterorl.server.main", "--port", "0", "--run-dir", str(run_dir), "--model", args.model,
         "--task", "dataset", "--task-path", str(data), "--eval-fraction", "0.25", "--reward", args.reward,
-        "--reward-weights", args.reward_weights, "--max-steps", str(args.steps), "--eval-every", "0",
+        *(["--reward-weights", args.reward_weights] if args.reward_weights else []),
+        "--max-steps", str(args.steps), "--eval-every", "0",
         "--eval-size", "1000", "--eval-samples", str(args.eval_samples), "--group-size", str(args.group_size),
         "--groups-per-step", str(args.groups_per_step), "--max-new-tokens", str(args.max_new_tokens),
         "--temperature", str(args.temperature), "--lr", str(args.lr), "--threads", str(args.learner_threads),
@@ -79,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(subprocess.Popen(
                 [py, "-m", "heterorl.node.main", "--learner", target, "--name", f"math-{i + 1}", "--seed", str(i + 1),
                  "--threads", str(args.sampler_threads), "--engine", args.engine],
-                stdout=open(work / f"sampler-{i + 1}.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env))
+                stdout=open(work / f"sampler-{i + 1}.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                preexec_fn=(lambda: os.nice(args.sampler_nice)) if args.sampler_nice > 0 else None))
         print(f"learner on {target}, {args.samplers} sampler(s) ({args.engine}); logs in {work}", flush=True)
         procs[0].wait(timeout=args.timeout_s)
     finally:
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     train = [r for r in train if r["kind"] == "train"]
     print(f"model {args.model}, {summary['eval_size']} held-out problems, k={summary['eval_samples']}, "
           f"{summary['steps']} steps of {args.groups_per_step} x {args.group_size} completions "
-          f"(<= {args.max_new_tokens} tokens), reward {args.reward} weights {args.reward_weights}")
+          f"(<= {args.max_new_tokens} tokens), reward {args.reward} weights {args.reward_weights or '1 each'}, "
+          f"{args.samplers} {args.engine} sampler(s)")
     print(f"{'step':>5} {'greedy':>7} {'pass@1':>7}")
     for point in summary["eval"]:
         print(f"{point['step']:>5} {point['accuracy']:>7.3f} {point['pass1']:>7.3f}")
