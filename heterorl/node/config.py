@@ -123,8 +123,8 @@ class WeightSourcesSection:
 
 
 @dataclass
-class SamplerReportSection:
-    """The sampler's Prometheus endpoint (heterorl/node/metrics.py)."""
+class ReportSection:
+    """A node daemon's Prometheus endpoint (the sampler's heterorl/node/metrics.py, the relay's relay.py)."""
 
     metrics_port: int = setting(0, "serve Prometheus metrics over HTTP on this port (0 = off)")
     metrics_host: str = setting("127.0.0.1", "address the Prometheus metrics endpoint binds to")
@@ -141,7 +141,7 @@ class SamplerConfig:
     lag: LagSection = section(LagSection)
     security: ClientSecuritySection = section(ClientSecuritySection)
     relays: WeightSourcesSection = section(WeightSourcesSection)
-    report: SamplerReportSection = section(SamplerReportSection)
+    report: ReportSection = section(ReportSection)
     logging: LoggingConfig = section(LoggingConfig)
 
     def lag_policy(self) -> LagPolicy:

@@ -50,7 +50,9 @@ from heterorl.common.contract import (
 )
 from heterorl.common.logs import LoggingConfig
 from heterorl.common.metrics_endpoint import MetricsEndpoint
+from heterorl.common.tls import read_pem
 from heterorl.common.weights import ENCODINGS
+from heterorl.node.config import ReportSection
 from heterorl.node.retry import RetryPolicy, Stopped, describe, is_transient
 from heterorl.node.security import ClientSecurity, open_channel
 from heterorl.v1 import learner_pb2 as pb
@@ -140,23 +142,11 @@ class RelayServeSecuritySection:
 
 
 @dataclass
-class RelayReportSection:
-    """The relay's Prometheus endpoint."""
-
-    metrics_port: int = setting(0, "serve Prometheus metrics over HTTP on this port (0 = off)")
-    metrics_host: str = setting("127.0.0.1", "address the Prometheus metrics endpoint binds to")
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.metrics_port <= 65535:
-            raise ValueError("metrics_port must be in 0..65535")
-
-
-@dataclass
 class RelayConfig:
     relay: RelaySection = section(RelaySection)
     connection: RelayUpstreamSection = section(RelayUpstreamSection)
     security: RelayServeSecuritySection = section(RelayServeSecuritySection)
-    report: RelayReportSection = section(RelayReportSection)
+    report: ReportSection = section(ReportSection)
     logging: LoggingConfig = section(LoggingConfig)
 
 
@@ -720,18 +710,6 @@ class TokenCheck(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _read_pem(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not a PEM file")
-    return data
-
-
 def build_relay_server(relay: Relay, host: str, port: int,
                        service: RelayService | None = None) -> tuple[grpc.Server, int]:
     """A ready (not yet started) gRPC server with the relay's FetchWeights and the health service."""
@@ -764,8 +742,8 @@ def build_relay_server(relay: Relay, host: str, port: int,
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     if sec.tls_cert is not None:
         credentials = grpc.ssl_server_credentials(
-            [(_read_pem(sec.tls_key, "TLS key"), _read_pem(sec.tls_cert, "TLS certificate"))],
-            root_certificates=_read_pem(sec.tls_client_ca, "client CA"),
+            [(read_pem(sec.tls_key, "TLS key"), read_pem(sec.tls_cert, "TLS certificate"))],
+            root_certificates=read_pem(sec.tls_client_ca, "client CA"),
             require_client_auth=sec.tls_client_ca is not None,
         )
         bound = server.add_secure_port(address, credentials)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from heterorl.common.tls import read_pem
 from heterorl.server.ratelimit import RateLimits, Refusals
 from heterorl.server.tokens import TokenInterceptor, TokenTable
 
@@ -43,19 +44,6 @@ def is_loopback(host: str) -> bool:
     except OSError:
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%", 1)[0]).is_loopback for info in infos)
-
-
-def read_pem(path: Path | None, what: str) -> bytes | None:
-    """The bytes of a PEM file, or None without a path; ValueError naming the file when it is unusable."""
-    if path is None:
-        return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise ValueError(f"cannot read {what} {path}: {err.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what} {path} is not a PEM file")
-    return data
 
 
 @dataclass

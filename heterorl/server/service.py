@@ -172,21 +172,25 @@ class LearnerService(pb_grpc.LearnerServicer):
             retry_after_s=0.0 if leases else self.learner.ingest.retry_after(),
         )
 
+    def _payload(self, have_version: int, want_version: int):
+        """The encoded payload from `have_version` to `want_version` (0 = the newest) that FetchWeights streams and
+        GetWeightsManifest describes; Refused when that version is not (or no longer) published."""
+        newest = self.learner.version
+        want = want_version or newest
+        require(want <= newest, f"want_version {want} is newer than the newest version {newest}", Reason.WANT_VERSION)
+        try:
+            return self.learner.versions.payload(have_version, want)
+        except KeyError:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"version {want} is no longer held (held: "
+                          f"{self.learner.versions.held()}); ask for the newest", Reason.VERSION_PRUNED) from None
+
     def FetchWeights(self, request: pb.FetchWeightsRequest, context):
         sampler_id = self._caller(request.sampler_id, context)
         with self._answering(context, blame=sampler_id):
-            newest = self.learner.version
-            want = request.want_version or newest
-            require(want <= newest, f"want_version {want} is newer than the newest version {newest}",
-                    Reason.WANT_VERSION)
-            try:
-                payload = self.learner.versions.payload(request.have_version, want)
-            except KeyError:
-                raise Refused(grpc.StatusCode.NOT_FOUND, f"version {want} is no longer held (held: "
-                              f"{self.learner.versions.held()}); ask for the newest", Reason.VERSION_PRUNED) from None
+            payload = self._payload(request.have_version, request.want_version)
             total = len(payload.data)
             require(request.offset <= total, f"offset {request.offset} is past the end of the {total}-byte payload "
-                    f"of version {want}", Reason.OFFSET, grpc.StatusCode.OUT_OF_RANGE)
+                    f"of version {payload.version}", Reason.OFFSET, grpc.StatusCode.OUT_OF_RANGE)
         chunk_bytes = self.learner.config.serve.chunk_bytes
         served = self.learner.prometheus.serve_bytes
         for chunk in iter_chunks(payload.data, chunk_bytes, request.offset, payload.chunk_sha256):
@@ -203,15 +207,7 @@ class LearnerService(pb_grpc.LearnerServicer):
         """The hashes a sampler checks relayed weights against: the same payload FetchWeights would stream."""
         sampler_id = self._caller(request.sampler_id, context)
         with self._answering(context, blame=sampler_id):
-            newest = self.learner.version
-            want = request.want_version or newest
-            require(want <= newest, f"want_version {want} is newer than the newest version {newest}",
-                    Reason.WANT_VERSION)
-            try:
-                payload = self.learner.versions.payload(request.have_version, want)
-            except KeyError:
-                raise Refused(grpc.StatusCode.NOT_FOUND, f"version {want} is no longer held (held: "
-                              f"{self.learner.versions.held()}); ask for the newest", Reason.VERSION_PRUNED) from None
+            payload = self._payload(request.have_version, request.want_version)
         return pb.WeightsManifest(
             version=payload.version, base_version=payload.base_version, encoding=payload.encoding,
             total_bytes=len(payload.data), chunk_bytes=self.learner.versions.chunk_bytes,
