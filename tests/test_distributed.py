@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -384,11 +385,13 @@ def test_a_dead_or_hung_rank_stops_the_learner_and_resume_loses_nothing(processe
             # (the groups keep coming); then rank 1 is killed, or left hanging.
             os.kill(pids[1], signal.SIGSTOP)
             now = status(target)
-            deadline = time.time() + 60
+            deadline = time.time() + 180
             while True:  # until the groups of the next step have arrived: rank 0 then starts it within 0.5 s
                 arrived = sum(s.groups_accepted for s in now.samplers) - now.groups_trained - now.groups_dropped_stale
-                if arrived >= 2 or time.time() > deadline:
+                if arrived >= 2:
                     break
+                # A rank that hangs between steps is only noticed at the next collective, so the step must begin.
+                assert time.time() < deadline, f"the groups of the next step did not arrive ({name})"
                 time.sleep(0.1)
                 now = status(target)
             time.sleep(1.5)
@@ -409,9 +412,9 @@ def test_a_dead_or_hung_rank_stops_the_learner_and_resume_loses_nothing(processe
                 os.kill(pids[1], signal.SIGKILL)  # the launcher would, after its grace period
             assert finished(learner, 120) != 0
             log = learner.log_path.read_text()
-            # Which collective failed depends on where rank 1 was stopped: the step's, or the gather that publishes it.
-            assert "stopping: a training step failed" in log or "stopping: gathering the weights failed" in log, \
-                log[-3000:]
+            # Which collective failed depends on where rank 1 was stopped (sending the step command, the step, the
+            # gather that publishes it, a checkpoint write); each names itself in the one line.
+            assert re.search(r"stopping: .+ failed after [\d.]+s on rank 0 of 2: ", log), log[-3000:]
             assert "died or did not answer within --collective-timeout-s" in log, log[-3000:]
             print(f"{name}: rank 0 stopped {stopped_s:.1f}s after the fault (collective timeout {TIMEOUT_S}s)")
             if name == "kill -9":
