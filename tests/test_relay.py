@@ -11,43 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections import Counter
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from heterorl.cli import fetch_status
 from heterorl.node.download import ManifestDownload, SourceLied, check_manifest
 from heterorl.v1 import learner_pb2 as pb
 from heterorl.v1 import learner_pb2_grpc as pb_grpc
 
+from tests.test_metrics import Samples, free_port, scrape
+
 REPO = Path(__file__).resolve().parent.parent
-Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
-    return samples
 
 
 def total(samples: Samples, name: str, **labels: str) -> float:
