@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -56,12 +58,8 @@ CLIENT_VERSION = "heterorl-0.1.0"
 
 
 def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    pos = (len(s) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """The q-quantile (0..1), linearly interpolated (numpy's default); nan when empty."""
+    return float(np.percentile(values, q * 100)) if values else float("nan")
 
 
 # ---- the simulated samplers (in worker processes) ------------------------------------------------------------------
