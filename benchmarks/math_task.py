@@ -1,7 +1,7 @@
 """A math-task run: the learner trains on a small local math set with LaTeX answers, scored by the `math` reward.
 
-The set (tests/math_set.py: 48 problems, fraction sums, simplification, powers, roots, percentages, linear
-equations; a seeded quarter held out) is written to the work directory; nothing is downloaded. One learner and
+The set (tests/math_set.py with `--per-kind 40`: 181 distinct problems, fraction sums, simplification, powers,
+roots, percentages, linear equations; a seeded quarter held out, 45 problems) is written to the work directory; nothing is downloaded. One learner and
 `--samplers` samplers run as processes on this machine, as `heterorl demo` runs them (samplers niced, vLLM where
 installed). The reward is `math` (math-verify; `--reward math,format --reward-weights 1,0.2` adds a \\boxed{} bonus).
 The learner evaluates at the start and the end: greedy accuracy and pass@1 over `--eval-samples` samples at the
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m', 'tiny' or a local HF directory")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--per-kind", type=int, default=40, help="problems of each of the set's six kinds (before repeats "
+                                                             "are dropped); a quarter is held out")
     p.add_argument("--samplers", type=int, default=1)
     p.add_argument("--engine", default=None, help="sampler engine: vllm (default where installed) or transformers")
     p.add_argument("--group-size", type=int, default=8)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         args.engine = default_engine()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="heterorl-math-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = write_math_set(work / "math.jsonl")
+    data = write_math_set(work / "math.jsonl", per_kind=args.per_kind)
     run_dir = work / "run"
     py, env = sys.executable, {**os.environ, "PYTHONUNBUFFERED": "1"}
     learner_argv = [

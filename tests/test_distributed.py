@@ -399,12 +399,14 @@ def test_a_dead_or_hung_rank_stops_the_learner_and_resume_loses_nothing(processe
             for sig in signals[1:]:
                 os.kill(pids[1], sig)
             began = time.time()
-            while True:  # rank 0 itself gives up within the collective timeout
+            # Rank 0 itself gives up. It may first wait for fresh groups or drop some (a loaded machine), which is
+            # no collective; the bound that matters is the failing collective's own time, read from its log line.
+            while True:
                 try:
                     os.kill(pids[0], 0)
                 except ProcessLookupError:
                     break
-                assert time.time() - began < TIMEOUT_S + 30, f"rank 0 still runs ({name}):\n" + \
+                assert time.time() - began < 240, f"rank 0 still runs ({name}):\n" + \
                     learner.log_path.read_text()[-3000:]
                 time.sleep(0.2)
             stopped_s = time.time() - began
@@ -414,11 +416,15 @@ def test_a_dead_or_hung_rank_stops_the_learner_and_resume_loses_nothing(processe
             log = learner.log_path.read_text()
             # Which collective failed depends on where rank 1 was stopped (sending the step command, the step, the
             # gather that publishes it, a checkpoint write); each names itself in the one line.
-            assert re.search(r"stopping: .+ failed after [\d.]+s on rank 0 of 2: ", log), log[-3000:]
+            failed = re.search(r"stopping: .+ failed after ([\d.]+)s on rank 0 of 2: ", log)
+            assert failed, log[-3000:]
             assert "died or did not answer within --collective-timeout-s" in log, log[-3000:]
-            print(f"{name}: rank 0 stopped {stopped_s:.1f}s after the fault (collective timeout {TIMEOUT_S}s)")
+            inside_s = float(failed.group(1))
+            print(f"{name}: rank 0 stopped {stopped_s:.1f}s after the fault, {inside_s:.1f}s after its collective "
+                  f"began (collective timeout {TIMEOUT_S}s)")
+            assert inside_s < TIMEOUT_S + 15, "the collective outlived --collective-timeout-s"
             if name == "kill -9":
-                assert stopped_s < 10  # a dead peer's socket fails the collective at once
+                assert inside_s < 10  # a dead peer's socket fails the collective at once
             check_books(run_dir, recorder)
             # After the last fault, train 4 steps past the checkpoint and stop, so the books are final.
             end = {"max_steps": committed_checkpoint(run_dir)[0] + 4} if phase == 1 else {}

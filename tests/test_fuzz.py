@@ -261,7 +261,7 @@ class World:
         message = _parse(pb.RegisterRequest, request)
         raw = isinstance(request, bytes)
         call = self.raw_unary(who, "Register") if raw else self.stub(who).Register
-        code, reply = self.send("Register", who, lambda: call(request, timeout=10))
+        code, reply = self.send("Register", who, lambda: call(request, timeout=60))
         if message is None:
             return self.expect_undecodable("Register", who, code, reply)
         broken = self.rules.register(message)
@@ -277,7 +277,7 @@ class World:
     def model_files(self, who: str, request: pb.ModelFilesRequest | bytes) -> None:
         message = _parse(pb.ModelFilesRequest, request)
         call = self.raw_unary(who, "GetModelFiles") if isinstance(request, bytes) else self.stub(who).GetModelFiles
-        code, reply = self.send("GetModelFiles", who, lambda: call(request, timeout=10))
+        code, reply = self.send("GetModelFiles", who, lambda: call(request, timeout=60))
         if message is None:
             return self.expect_undecodable("GetModelFiles", who, code, reply)
         self.expect("GetModelFiles", who, code, self.sampler_verdict(message.sampler_id, who) or ACCEPT, reply)
@@ -286,7 +286,7 @@ class World:
         message = _parse(pb.LeaseRequest, request)
         raw = isinstance(request, bytes)
         call = self.raw_unary(who, "LeasePrompts") if raw else self.stub(who).LeasePrompts
-        code, reply = self.send("LeasePrompts", who, lambda: call(request, timeout=10))
+        code, reply = self.send("LeasePrompts", who, lambda: call(request, timeout=60))
         if message is None:
             return self.expect_undecodable("LeasePrompts", who, code, reply)
         sid = message.sampler_id
@@ -307,7 +307,7 @@ class World:
         sid = request.sampler_id
 
         def first_chunk():
-            stream = self.stub(who).FetchWeights(request, timeout=10)
+            stream = self.stub(who).FetchWeights(request, timeout=60)
             try:
                 return next(stream, None)
             finally:
@@ -329,7 +329,7 @@ class World:
     def heartbeat(self, who: str, request: pb.HeartbeatRequest | bytes) -> None:
         message = _parse(pb.HeartbeatRequest, request)
         call = self.raw_unary(who, "Heartbeat") if isinstance(request, bytes) else self.stub(who).Heartbeat
-        code, reply = self.send("Heartbeat", who, lambda: call(request, timeout=10))
+        code, reply = self.send("Heartbeat", who, lambda: call(request, timeout=60))
         if message is None:
             return self.expect_undecodable("Heartbeat", who, code, reply)
         verdict = self.sampler_verdict(message.sampler_id, who)
@@ -338,7 +338,7 @@ class World:
         self.expect("Heartbeat", who, code, verdict or ACCEPT, reply)
 
     def status(self, who: str) -> None:
-        code, reply = self.send("Status", who, lambda: self.stub(who).Status(pb.StatusRequest(), timeout=10))
+        code, reply = self.send("Status", who, lambda: self.stub(who).Status(pb.StatusRequest(), timeout=60))
         self.expect("Status", who, code, ACCEPT, reply)
         if code == OK:  # the learner's own books agree with the model at every moment
             with self.lock:
@@ -354,7 +354,7 @@ class World:
     def health(self, who: str, service: str) -> None:
         stub = health_pb2_grpc.HealthStub(self.channels[who])
         code, reply = self.send("Health", who, lambda: stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                                                   timeout=10))
+                                                                   timeout=60))
         known = service in ("", "heterorl.v1.Learner")
         self.expect("Health", who, code, ACCEPT if known else Expected(C.NOT_FOUND), reply)
 
@@ -372,7 +372,7 @@ class World:
         acks: list[pb.SubmitAck] = []
 
         def run():
-            for ack in stream(iter(payload), timeout=20):
+            for ack in stream(iter(payload), timeout=60):
                 acks.append(ack)
 
         code, reply = self.send("SubmitTrajectories", who, run, inputs=0)
@@ -462,6 +462,9 @@ def world(tiny_cache, tmp_path_factory):
         port=0, run_dir=run_dir, model="tiny", reward="digit_fraction", group_size=G, groups_per_step=8,
         max_new_tokens=MAX_NEW, eval_size=0, chunk_bytes=65536, lease_ttl_s=3600, max_inflight_groups=10**6,
         tokens_file=tokens, rate_calls_per_s=0, rate_groups_per_s=0,  # limits have their own tests
+        # The model's leases live lease_ttl_s; adaptive leases (their own tests) expire a sampler's sooner once
+        # its pace is measured, and the fuzz samplers' pace is anything but a sampler's.
+        lease_policy="uniform",
     )
     learner = Learner(config)
     errors = _ServerErrors()

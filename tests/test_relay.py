@@ -253,8 +253,11 @@ def test_lying_relays_are_caught_and_the_run_trains(processes, tmp_path):
     run_dir = tmp_path / "run"
     # Every group's log-probs are recomputed by the learner under the version the sampler claims: a sampler that
     # generated with weights the learner never published would show up as a mismatch.
-    learner, target = processes.learner(run_dir, max_steps=24, groups_per_step=4, verify_fraction=1.0,
-                                        verify_first=100)
+    # Sampler A pays for every lie on every version (a stall costs it --relay-stall-s), so it lags sampler B by
+    # many versions: it is not told to refresh before generating (lease_refresh_lag 0), and the run goes on until
+    # both have trained work from versions they got through relays or the learner's fallback (then SIGTERM).
+    learner, target = processes.learner(run_dir, max_steps=10_000, groups_per_step=4, verify_fraction=1.0,
+                                        verify_first=100, lease_refresh_lag=0)
     _relay, honest, relay_metrics = start_relay(processes, "relay", target)
     servers, liars = [], {}
     for mode in MODES:
@@ -274,6 +277,18 @@ def test_lying_relays_are_caught_and_the_run_trains(processes, tmp_path):
         last: dict[str, Samples] = {}
         status = None
         deadline = time.time() + 400
+
+        def enough() -> bool:
+            """Both samplers trained work of a version after 1, and A met every liar and the honest relay twice."""
+            try:
+                versions = trained_by_sampler(run_dir)
+            except (OSError, ValueError):  # not written yet, or a line half written
+                return False
+            a = last.get("a", {})
+            lies = all(total(a, "heterorl_sampler_relay_failures_total", relay=liars[m][1]) for m in MODES)
+            return (len(versions) == 2 and all(max(v) > 1 for v in versions.values()) and lies
+                    and total(a, "heterorl_sampler_weight_downloads_total", source=honest) >= 2)
+
         while learner.poll() is None and time.time() < deadline:
             for key, port in [("a", metrics_a), ("b", metrics_b)]:
                 try:
@@ -284,8 +299,11 @@ def test_lying_relays_are_caught_and_the_run_trains(processes, tmp_path):
                 status = fetch_status(target, timeout=2)
             except grpc.RpcError:
                 pass
+            if enough():
+                break
             time.sleep(0.5)
-        wait_for_learner(learner, target, timeout=10)
+        learner.terminate()  # finishes the current batch, checkpoints and exits 0
+        wait_for_learner(learner, target, timeout=60)
     finally:
         for server in servers:
             server.stop(grace=None)
