@@ -85,6 +85,30 @@ def worker_step(out: Path, micro_batch_tokens: int) -> int:
     return 0
 
 
+def worker_stalled_follower(out: Path) -> int:
+    """Under torchrun: rank 1 stops itself between two commands (SIGSTOP, as a hung process); rank 0 sends a
+    command and writes down what happened and how long it took."""
+    from heterorl.server import distributed
+
+    ranks = distributed.start("cpu", 3)
+    if ranks.leader:
+        ranks.announce("hello")
+    else:
+        ranks.receive()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return 0
+    time.sleep(0.5)
+    started = time.monotonic()
+    try:
+        ranks.announce("step", list(range(1000)))
+        outcome = "sent"
+    except distributed.RankFailure as err:
+        outcome = str(err)
+    out.with_suffix(".tmp").write_text(json.dumps({"outcome": outcome, "seconds": time.monotonic() - started}))
+    out.with_suffix(".tmp").replace(out)
+    os._exit(0)  # the stopped follower is killed by the test
+
+
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), *args]
@@ -181,6 +205,30 @@ def test_a_step_on_two_ranks_equals_the_step_on_one(tmp_path, tiny_cache, budget
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real processes: learners under torchrun, samplers
+
+
+@pytest.mark.slow
+def test_a_rank_hung_between_commands_does_not_hold_rank_0(tmp_path):
+    """A gloo broadcast returns only once every receiver has taken it: rank 0's sending of a command to a rank
+    that hangs between commands must give up within the collective timeout (3 s here), not wait for ever."""
+    out = tmp_path / "outcome.json"
+    proc = subprocess.Popen(torchrun(str(Path(__file__)), "stalled-follower", str(out)), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not out.exists():
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read().decode()[-3000:])
+            assert time.time() < deadline, "rank 0 did not give up within 120 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    result = json.loads(out.read_text())
+    print(f"rank 0 gave up sending to a stopped rank after {result['seconds']:.1f}s: {result['outcome'][:120]}")
+    assert result["outcome"].startswith("sending 'step' to the other ranks failed after"), result
+    assert "--collective-timeout-s 3" in result["outcome"]
+    assert 2.5 < result["seconds"] < 20
 
 
 def rank_pids(launcher: subprocess.Popen) -> dict[int, int]:
@@ -441,4 +489,6 @@ def test_a_dead_or_hung_rank_stops_the_learner_and_resume_loses_nothing(processe
 if __name__ == "__main__":
     if sys.argv[1] == "step":
         sys.exit(worker_step(Path(sys.argv[2]), int(sys.argv[3])))
+    if sys.argv[1] == "stalled-follower":
+        sys.exit(worker_stalled_follower(Path(sys.argv[2])))
     raise SystemExit(f"unknown worker {sys.argv[1]!r}")

@@ -6,10 +6,12 @@ others with commands on a gloo group of their own (`Ranks.announce` -> `follow`)
 groups each rank trains), "snapshot" (gather the weights for publishing), "save" / "load" (distributed
 checkpoints), "stop". Each command is then carried out by every rank with the same collectives.
 
-Two process groups, two timeouts: commands wait as long as rank 0 needs between them (it may evaluate or wait for
-samplers for minutes); the collectives of a command run on the default group with `--collective-timeout-s`, so a
-rank that dies or hangs mid-command fails the command on rank 0 within that time (a dead peer's closed socket
-fails it at once), and the learner stops with a `RankFailure`; `--resume` continues from the last checkpoint.
+Two process groups, two timeouts: the followers wait for the next command as long as rank 0 needs (it may
+evaluate or wait for samplers for minutes); the collectives of a command run on the default group with
+`--collective-timeout-s`, so a rank that dies or hangs mid-command fails the command on rank 0 within that time (a
+dead peer's closed socket fails it at once), and the learner stops with a `RankFailure`; `--resume` continues from
+the last checkpoint. Rank 0's sending of a command is bounded by the same timeout: a gloo broadcast returns only
+once every receiver has taken it, so a rank that hangs between two commands would otherwise hold rank 0 forever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import datetime
 import logging
 import os
+import pickle
 import socket
 import sys
 import time
@@ -86,12 +89,23 @@ class Ranks:
             state = "down" if self.broken else "stopped"
             raise RankFailure(f"cannot send {command!r}: the learner's ranks are {state}")
         with self.collective(f"sending {command!r} to the other ranks"):
-            dist.broadcast_object_list([(command, payload)], src=0, group=self.commands)
+            self._send(command, payload)
+
+    def _send(self, command: str, payload: object) -> None:
+        """Broadcast one pickled command on the command group, waiting at most `timeout_s` for each part (the
+        group's own timeout is the followers' long wait). The ranks are one learner's processes: pickle is theirs."""
+        blob = pickle.dumps((command, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        wait = datetime.timedelta(seconds=self.timeout_s)
+        size, data = torch.tensor([len(blob)], dtype=torch.int64), torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        for tensor in (size, data):
+            dist.broadcast(tensor, src=0, group=self.commands, async_op=True).wait(timeout=wait)
 
     def receive(self) -> tuple[str, object]:
-        box: list[object] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.commands)
-        command, payload = box[0]  # type: ignore[misc]
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.commands)
+        blob = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(blob, src=0, group=self.commands)
+        command, payload = pickle.loads(blob.numpy().tobytes())
         return command, payload
 
     @contextlib.contextmanager
@@ -107,7 +121,7 @@ class Ranks:
             self.broken = True
             raise RankFailure(
                 f"{what} failed after {time.monotonic() - started:.1f}s on rank {self.rank} of {self.world}: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Another rank of this learner died "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; another rank of this learner died "
                 f"or did not answer within --collective-timeout-s {self.timeout_s:g}; the learner stops "
                 f"(continue the run with --resume)") from err
 
@@ -117,7 +131,7 @@ class Ranks:
             return
         if not self.broken:
             try:
-                dist.broadcast_object_list([(STOP, None)], src=0, group=self.commands)
+                self._send(STOP, None)
             except RuntimeError as err:
                 logger.warning("could not tell the other ranks to stop: %s", err)
         self.stopped = True

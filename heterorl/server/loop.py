@@ -132,12 +132,16 @@ def train_step(learner: Learner, batch: list[StoredGroup]) -> dict:
     staleness = [version_before - g.policy_version for g in batch]
     rewards = [c.reward for g in batch for c in g.completions]
     metrics = learner.trainer.train_step(batch)
+    # The new weights are gathered before anything of the step is recorded: on several ranks the gather is the
+    # step's last collective, and a rank that fails it must leave no trained leases behind without their version.
+    started = time.perf_counter()
+    snapshot = learner.trainer.snapshot()
     with learner.lock:
         # Committed with the version published next (publish waits for it); until a checkpoint covers this
         # step, a resume trains these groups again.
         learner.leases.finish([g.lease_id for g in batch], trained=True, step=learner.trainer.step)
         learner.stats.add_step(staleness, sum(rewards) / len(rewards))
-    publish(learner)
+    publish(learner, snapshot, started)
     record = {
         "kind": "train",
         "step": learner.trainer.step,
@@ -161,11 +165,12 @@ def train_step(learner: Learner, batch: list[StoredGroup]) -> dict:
     return record
 
 
-def publish(learner: Learner) -> None:
-    """Make the trainer's current weights the next version (and pre-encode the delta samplers will want)."""
+def publish(learner: Learner, snapshot: dict[str, torch.Tensor] | None = None, started: float | None = None) -> None:
+    """Make the trainer's current weights (or their `snapshot`, gathered since `started`) the next version, and
+    pre-encode the delta samplers will want."""
     version = learner.versions.newest + 1
-    started = time.perf_counter()
-    snapshot = learner.trainer.snapshot()
+    started = time.perf_counter() if started is None else started
+    snapshot = learner.trainer.snapshot() if snapshot is None else snapshot
     digest = codec.digest(snapshot)
     # Recorded before any sampler can see it, so that a resumed run never gives this number other weights.
     learner.db.record_version(version, learner.trainer.step, digest).wait()

@@ -144,7 +144,10 @@ def main_rank(argv: list[str] | None) -> int:
         return serve(checked, ranks)
     except distributed.RankFailure as err:
         logger.error("stopping: %s", err)
-        return 1
+        # The run database and the server are closed by now. A collective that timed out leaves gloo's worker
+        # thread waiting on the hung peer, and the interpreter would wait for that thread at exit: leave at once.
+        logging.shutdown()
+        os._exit(1)
     finally:
         distributed.finish(ranks)
 
