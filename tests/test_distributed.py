@@ -222,6 +222,8 @@ def test_a_rank_hung_between_commands_does_not_hold_rank_0(tmp_path):
             assert time.time() < deadline, "rank 0 did not give up within 120 s"
             time.sleep(0.2)
     finally:
+        for pid in rank_pids(proc).values():  # torchrun's workers live in sessions of their own
+            os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     result = json.loads(out.read_text())
