@@ -7,7 +7,8 @@ installed). The reward is `math` (math-verify; `--reward math,format --reward-we
 The learner evaluates at the start and the end: greedy accuracy and pass@1 over `--eval-samples` samples at the
 run's temperature, both scored by the math reward. Run from the repo root:
 
-    python benchmarks/math_task.py [--model smollm2-135m] [--steps 8] [--engine vllm]
+    python benchmarks/math_task.py [--model smollm2-135m] [--steps 8] [--engine vllm]   # about 35 min here
+    python benchmarks/math_task.py --work-dir DIR --report-only   # the report of a finished run, again
 
 Ends with `RESULT start_pass1=... end_pass1=... start_greedy=... end_greedy=... steps=... wall_s=...`.
 """
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--learner-threads", type=int, default=2)
     p.add_argument("--sampler-threads", type=int, default=1)
     p.add_argument("--sampler-nice", type=int, default=10, help="niceness of the samplers (as the demo's)")
-    p.add_argument("--timeout-s", type=float, default=1800)
+    p.add_argument("--timeout-s", type=float, default=3600, help="stop the run after this long (it then summarizes)")
+    p.add_argument("--report-only", action="store_true", help="print the report of the finished run in --work-dir")
     p.add_argument("--work-dir", type=Path, default=None, help="keep the run here (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -60,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         from heterorl.node.engine_base import default_engine
 
         args.engine = default_engine()
+    if args.report_only:
+        if args.work_dir is None or not (args.work_dir / "run" / "summary.json").exists():
+            print("--report-only needs --work-dir of a finished run (WORK_DIR/run/summary.json)")
+            return 2
+        return report(args.work_dir / "run")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="heterorl-math-"))
     work.mkdir(parents=True, exist_ok=True)
     data = write_math_set(work / "math.jsonl", per_kind=args.per_kind)
@@ -91,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=open(work / f"sampler-{i + 1}.log", "w"), stderr=subprocess.STDOUT, cwd=REPO, env=env,
                 preexec_fn=(lambda: os.nice(args.sampler_nice)) if args.sampler_nice > 0 else None))
         print(f"learner on {target}, {args.samplers} sampler(s) ({args.engine}); logs in {work}", flush=True)
-        procs[0].wait(timeout=args.timeout_s)
+        try:
+            procs[0].wait(timeout=args.timeout_s)
+        except subprocess.TimeoutExpired:  # SIGTERM below: the learner finishes what it is doing and summarizes
+            print(f"the run took longer than --timeout-s {args.timeout_s:g}; stopping it", flush=True)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -101,17 +111,24 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    wall = time.time() - started
+    print(f"wall time {time.time() - started:.0f} s (the learner's own figure follows)", flush=True)
     if procs[0].returncode != 0 or not (run_dir / "summary.json").exists():
         print(f"the learner failed (code {procs[0].returncode}):\n{(work / 'learner.log').read_text()[-3000:]}")
         return 1
+    return report(run_dir)
+
+
+def report(run_dir: Path) -> int:
+    """The evaluations and training rewards of a finished run (settings from its own config.json), and RESULT."""
     summary = json.loads((run_dir / "summary.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    wall = summary["wall_seconds"]
     train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["kind"] == "train"]
-    print(f"model {args.model}, {summary['eval_size']} held-out problems, k={summary['eval_samples']}, "
-          f"{summary['steps']} steps of {args.groups_per_step} x {args.group_size} completions "
-          f"(<= {args.max_new_tokens} tokens), reward {args.reward} weights {args.reward_weights or '1 each'}, "
-          f"{args.samplers} {args.engine} sampler(s)")
+    print(f"model {config['model']}, {summary['eval_size']} held-out problems, k={summary['eval_samples']}, "
+          f"{summary['steps']} steps of {config['groups_per_step']} x {config['group_size']} completions "
+          f"(<= {config['max_new_tokens']} tokens), reward {config['reward']} weights "
+          f"{config['reward_weights'] or '1 each'}")
     print(f"{'step':>5} {'greedy':>7} {'pass@1':>7}")
     for point in summary["eval"]:
         print(f"{point['step']:>5} {point['accuracy']:>7.3f} {point['pass1']:>7.3f}")
