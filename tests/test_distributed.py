@@ -143,13 +143,14 @@ def test_rank_devices():
 
 
 def test_a_checkpoint_of_the_earlier_format_loads_on_one_rank_and_is_refused_by_name_on_several(tmp_path,
-                                                                                                 tiny_cache):
+                                                                                                 tiny_cache,
+                                                                                                 monkeypatch):
     from safetensors.torch import save_model
 
     from heterorl.server import checkpoint as ckpt
     from heterorl.server.distributed import Ranks
 
-    os.environ["HETERORL_CACHE"] = str(tiny_cache)
+    monkeypatch.setenv("HETERORL_CACHE", str(tiny_cache))
     trainer = make_trainer()
     trainer.train_step(synthetic_batch())
     path = tmp_path / "step-00000001"  # what the single-process learner wrote before distributed checkpoints
@@ -363,7 +364,9 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_two(two_rank_run, tmp_path,
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(src, one)
     # Made-up log-probs below: no trust checks. The CLI resumes give the test's flags, B among them: the run's.
-    quiet = {"verify_first": 0, "verify_fraction": 0.0, "eval_size": 0, "groups_per_step": 3}
+    # Uniform leases, room for them: the 3 leases below are granted whatever the scheduler measured before.
+    quiet = {"verify_first": 0, "verify_fraction": 0.0, "eval_size": 0, "groups_per_step": 3,
+             "lease_policy": "uniform", "max_inflight_groups": 100}
 
     def resumed(run_dir: Path) -> Learner:
         given = {"run_dir": run_dir, "resume": run_dir, "port": 0, **quiet}
@@ -376,8 +379,10 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_on_two(two_rank_run, tmp_path,
     state = learner.trainer.optimizer.state_dict()["state"]
     assert state and all(int(s["step"]) == STEPS for s in state.values())
     sid = learner.register("s", "transformers", "cpu", 8).sampler_id
-    for i, lease in enumerate(learner.lease(sid, 3)):
-        assert learner.submit(submission(sid, lease.lease_id, version=learner.version, seed=i))
+    leases = learner.lease(sid, 3)
+    assert len(leases) == 3
+    for i, lease in enumerate(leases):
+        assert learner.submit(submission(sid, lease.lease_id, version=learner.version, seed=i)) is False  # stored
     pending = len(learner.pending())
     crash(learner)
     shutil.copytree(one, two)

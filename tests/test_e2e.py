@@ -143,11 +143,14 @@ def test_sampler_survives_the_learner_going_away(processes, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_trains_over_grpc(processes, tmp_path):
+def test_default_model_trains_over_grpc(processes, tmp_path, monkeypatch):
     """The real default model (SmolLM2-135M) through the same ring: three steps, deltas after the anchor."""
     from heterorl.common.model import cache_root
 
-    processes.env["HETERORL_CACHE"] = str(cache_root())  # the converted default model, not the tiny cache
+    # The user's cache, which `make test` prepares (prepare-model), whatever an earlier module left in the
+    # environment: converting the default model again into the tiny cache cost 20 s.
+    monkeypatch.delenv("HETERORL_CACHE", raising=False)
+    processes.env["HETERORL_CACHE"] = str(cache_root())
     run_dir = tmp_path / "real"
     learner, target = processes.learner(
         run_dir, timeout=300, model="smollm2-135m", reward="last_number", max_steps=3, group_size=4,

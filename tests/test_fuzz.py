@@ -454,7 +454,8 @@ def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
 
 @pytest.fixture(scope="module")
 def world(tiny_cache, tmp_path_factory):
-    os.environ["HETERORL_CACHE"] = str(tiny_cache)
+    env = pytest.MonkeyPatch()  # the module's own: later modules see the session's cache again
+    env.setenv("HETERORL_CACHE", str(tiny_cache))
     run_dir = tmp_path_factory.mktemp("fuzz")
     tokens = run_dir / "tokens"
     tokens.write_text("".join(f"{name}:{token}\n" for name, token in TOKENS.items()))
@@ -488,6 +489,7 @@ def world(tiny_cache, tmp_path_factory):
     for channel in w.raws:
         channel.close()
     server.stop(0)
+    env.undo()
     logging.getLogger("grpc").removeHandler(errors)
     assert not errors.records, f"the server logged errors: {errors.records[:3]}"
 
