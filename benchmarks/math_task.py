@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from math_set import write_math_set  # noqa: E402
 
+from heterorl.tools.procs import stop_processes  # noqa: E402
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -103,14 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:  # SIGTERM below: the learner finishes what it is doing and summarizes
             print(f"the run took longer than --timeout-s {args.timeout_s:g}; stopping it", flush=True)
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(reversed(procs), 30)
     print(f"wall time {time.time() - started:.0f} s (the learner's own figure follows)", flush=True)
     if procs[0].returncode != 0 or not (run_dir / "summary.json").exists():
         print(f"the learner failed (code {procs[0].returncode}):\n{(work / 'learner.log').read_text()[-3000:]}")

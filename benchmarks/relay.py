@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from heterorl.node.client import LearnerClient, RetryPolicy  # noqa: E402
 from heterorl.node.relay_sources import WeightSources  # noqa: E402
+from heterorl.tools.procs import stop_processes  # noqa: E402
 
 MB = 1e6
 
@@ -210,14 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         for f in followers:
             f.join(timeout=5)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs, 20)
 
     versions = newest - 1
     learner_bytes = after["learner"] - before["learner"]

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH_DIR))
 
 from heterorl.common.model import cache_root  # noqa: E402
+from heterorl.tools.procs import stop_processes  # noqa: E402
 
 PROXY = "proxy"
 # Real-model settings: the learner defaults (temperature 0.7, lr 4e-6, G=8) on the whole held-out split, with
@@ -144,14 +145,7 @@ def run_one(model: str, model_dir: Path, loss: str, lag: int, seed: int, steps: 
         if learner.returncode != 0:
             raise RuntimeError(f"learner failed ({learner.returncode}); see {run_dir / 'learner.log'}")
     finally:
-        for proc in (sampler, learner):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes([sampler, learner], 15)
     return read_run(run_dir, loss, lag, seed, time.time() - started)
 
 

@@ -130,16 +130,9 @@ def _spawn(name: str, argv: list[str], log_path: Path, nice: int = 0) -> Child:
 
 
 def _stop(children: list[Child], grace: float = 15.0) -> None:
-    for c in children:
-        if c.proc.poll() is None:
-            c.proc.send_signal(signal.SIGTERM)
-    deadline = time.time() + grace
-    for c in children:
-        try:
-            c.proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            c.proc.kill()
-            c.proc.wait()
+    from heterorl.tools.procs import stop_processes
+
+    stop_processes([c.proc for c in children], grace)
 
 
 def _progress_line(s, steps: int, elapsed: float) -> str:

@@ -44,6 +44,8 @@ import time
 import weakref
 from typing import Any, Callable, Sequence
 
+from heterorl.tools.procs import stop_processes
+
 log = logging.getLogger(__name__)
 
 PREFIX = "hrl"
@@ -400,16 +402,7 @@ class Cluster:
                 emu.stop()
             except Exception:  # noqa: BLE001
                 log.exception("netns: stopping a link emulator failed")
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-        deadline = time.time() + 10
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self._procs, 10)
         for netns in reversed(self._netns):
             _kill_netns_pids(netns)
             _ip("netns", "del", netns, check=False)
