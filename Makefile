@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 ## make bench: set everything up, then train the default model with TRL's GRPOTrainer and with heterorl side by side
-## (benchmarks/vs_trl.py, about 15 min; BENCH_ARGS="--steps 4 --eval-every 2 --eval-size 50" for a smoke run)
+## (benchmarks/vs_trl.py, about 17 min; BENCH_ARGS="--steps 4 --eval-every 2 --eval-size 50" for a smoke run)
 bench: $(STAMP)
 	$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/vs_trl.py $(BENCH_ARGS)
