@@ -176,7 +176,7 @@ def test_a_checkpoint_of_the_earlier_format_loads_on_one_rank_and_is_refused_by_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("budget", [0, 1], ids=["whole-batch", "one-group-micro-batches"])
-def test_a_step_on_two_ranks_equals_the_step_on_one(tmp_path, tiny_cache, budget):
+def test_a_step_on_two_ranks_equals_the_step_on_one(tmp_path, tiny_cache, budget, monkeypatch):
     env = {**os.environ, "HETERORL_CACHE": str(tiny_cache)}
     out = tmp_path / "two.pt"
     done = subprocess.run(torchrun(str(Path(__file__)), "step", str(out), str(budget)), env=env, cwd=REPO,
@@ -184,7 +184,7 @@ def test_a_step_on_two_ranks_equals_the_step_on_one(tmp_path, tiny_cache, budget
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     two = torch.load(out, weights_only=False)
 
-    os.environ["HETERORL_CACHE"] = str(tiny_cache)
+    monkeypatch.setenv("HETERORL_CACHE", str(tiny_cache))
     one_trainer = make_trainer()
     before = one_trainer.snapshot(torch.float32)
     one_metrics = one_trainer.train_step(synthetic_batch())
